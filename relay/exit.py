@@ -1,0 +1,527 @@
+"""relay-exit: a SOCKS5 server that speaks the tunnel method, authenticates every stream and
+dials only what the destination policy allows."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hmac
+import logging
+import os
+import socket
+import time
+from collections import Counter
+from typing import Any, Optional, Union
+
+from relay.addresses import format_hostport
+from relay.metrics import Metrics, serve_metrics
+from relay.policy import Policy
+from relay.proto import ProtocolError
+from relay.proto import hello as hl
+from relay.proto import socks5 as s5
+from relay.proto.stream import TunnelStream
+from relay.pump import PlainProtocol, RawPump, StreamInfo, TunnelPump
+from relay.secrets import load_keys
+from relay.sockopts import set_keepalive, set_nodelay, transport_socket
+
+log = logging.getLogger("relay.exit")
+
+MIN_HEARTBEAT_MS = 100
+
+
+class ExitSettings:
+    """The knobs the exit reads, so tests and the demo need not build a whole config."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.listen_host: str = kwargs.pop("listen_host", "0.0.0.0")
+        self.listen_port: int = kwargs.pop("listen_port", 80)
+        self.keys: dict[str, bytes] = kwargs.pop("keys")
+        self.policy: Policy = kwargs.pop("policy")
+        self.allow_plain: bool = kwargs.pop("allow_plain", False)
+        self.heartbeat: float = kwargs.pop("heartbeat", 25.0)
+        self.heartbeat_misses: int = kwargs.pop("heartbeat_misses", 3)
+        self.handshake_timeout: float = kwargs.pop("handshake_timeout", 10.0)
+        self.connect_timeout: float = kwargs.pop("connect_timeout", 10.0)
+        self.max_streams: int = kwargs.pop("max_streams", 10000)
+        self.max_streams_per_key: int = kwargs.pop("max_streams_per_key", 2000)
+        self.max_handshakes: int = kwargs.pop("max_handshakes", 1000)
+        self.tcp_keepalive: float = kwargs.pop("tcp_keepalive", 60.0)
+        self.replay_buffer: int = kwargs.pop("replay_buffer", 4 * 1024 * 1024)
+        self.metrics_host: Optional[str] = kwargs.pop("metrics_host", None)
+        self.metrics_port: int = kwargs.pop("metrics_port", 0)
+        if kwargs:
+            raise TypeError(f"unknown exit settings: {', '.join(sorted(kwargs))}")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ExitSettings:
+        return cls(
+            listen_host=cfg.listen.host,
+            listen_port=cfg.listen.port,
+            keys=load_keys(cfg.keys),
+            policy=Policy(cfg.allow),
+            allow_plain=cfg.allow_plain,
+            heartbeat=cfg.heartbeat,
+            heartbeat_misses=cfg.heartbeat_misses,
+            handshake_timeout=cfg.handshake_timeout,
+            connect_timeout=cfg.connect_timeout,
+            max_streams=cfg.max_streams,
+            max_streams_per_key=cfg.max_streams_per_key,
+            max_handshakes=cfg.max_handshakes,
+            tcp_keepalive=cfg.tcp_keepalive,
+            replay_buffer=cfg.replay_buffer,
+            metrics_host=cfg.metrics.host if cfg.metrics else None,
+            metrics_port=cfg.metrics.port if cfg.metrics else 0,
+        )
+
+
+class RelayExit:
+    def __init__(self, settings: ExitSettings, metrics: Optional[Metrics] = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics("exit")
+        self.guard = hl.ReplayGuard()
+        self.handshakes = 0
+        self.streams_per_key: Counter[str] = Counter()
+        self.pumps: set[Union[TunnelPump, RawPump]] = set()
+        self.connections: set[ExitConnection] = set()
+        self._server: Optional[asyncio.Server] = None
+        self._metrics_server: Optional[asyncio.Server] = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        self._server = await loop.create_server(
+            lambda: ExitConnection(self), s.listen_host, s.listen_port, backlog=1024
+        )
+        if s.metrics_host is not None:
+            self._metrics_server = await serve_metrics(self.metrics, s.metrics_host, s.metrics_port)
+        log.info(
+            "listening",
+            extra={
+                "fields": {
+                    "addr": _fmt(self.address),
+                    "keys": len(s.keys),
+                    "rules": len(s.policy.rules),
+                    "allow_plain": s.allow_plain,
+                }
+            },
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[:2]
+
+    @property
+    def metrics_address(self) -> Optional[tuple[str, int]]:
+        if self._metrics_server is None:
+            return None
+        return self._metrics_server.sockets[0].getsockname()[:2]
+
+    async def stop(self) -> None:
+        """Stop listening and reset what is still open."""
+        for server in (self._server, self._metrics_server):
+            if server is not None:
+                server.close()
+        for pump in list(self.pumps):
+            if isinstance(pump, TunnelPump):
+                pump.shutdown()
+            else:
+                pump.lost(0, ConnectionAbortedError("exit stopping"))
+        for conn in list(self.connections):
+            conn.abort()
+        for server in (self._server, self._metrics_server):
+            if server is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(server.wait_closed(), 2)
+
+    def stream_done(self, pump: Union[TunnelPump, RawPump], result: str) -> None:
+        self.pumps.discard(pump)
+        key = pump.info.key_id
+        self.streams_per_key[key] -= 1
+        if self.streams_per_key[key] <= 0:
+            del self.streams_per_key[key]
+
+
+class ExitConnection(PlainProtocol):
+    """One accepted connection: handshake first, then the carrier of one tunnelled stream
+    (or, for an allowed plain SOCKS5 client, one side of a raw relay)."""
+
+    def __init__(self, relay_exit: RelayExit) -> None:
+        super().__init__()
+        self.exit = relay_exit
+        self.metrics = relay_exit.metrics
+        self.socks = s5.Socks5Server({hl.METHOD_TUNNEL: hl.decode_hello})
+        self.tunnel: Optional[TunnelPump] = None
+        self.key_id = ""
+        self.heartbeat_ms = 0
+        self.in_handshake = True
+        self.closed = False
+        self.started = 0.0
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._task: Optional[asyncio.Future[None]] = None
+
+    # -- asyncio callbacks ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        relay_exit = self.exit
+        self.started = time.monotonic()
+        relay_exit.connections.add(self)
+        relay_exit.handshakes += 1
+        if relay_exit.handshakes > relay_exit.settings.max_handshakes:
+            self.metrics.limit_hits.labels("handshakes").inc()
+            log.warning("too many handshakes in progress; refusing a connection")
+            self._end_handshake()
+            self.abort()
+            return
+        sock = transport_socket(transport)
+        set_keepalive(sock, relay_exit.settings.tcp_keepalive)
+        set_nodelay(sock)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(relay_exit.settings.handshake_timeout, self._timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.carrier_data(data)
+        elif self.in_handshake:
+            self._advance(data)
+        else:
+            super().data_received(data)
+
+    def eof_received(self) -> bool:
+        if self.tunnel is not None:
+            self.tunnel.carrier_lost("carrier closed without FIN")
+            return False
+        if self.in_handshake:
+            self._fail("handshake", "peer closed during handshake")
+            return False
+        return super().eof_received()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.closed = True
+        self.exit.connections.discard(self)
+        self._end_handshake()
+        if self.tunnel is not None:
+            self.tunnel.carrier_lost(str(exc) if exc else "carrier closed")
+        elif not self.in_handshake:
+            super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.carrier_pause_writing()
+        else:
+            super().pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.carrier_resume_writing()
+        else:
+            super().resume_writing()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- handshake ------------------------------------------------------------------------
+    def _end_handshake(self) -> None:
+        if self.in_handshake:
+            self.in_handshake = False
+            self.exit.handshakes -= 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self.metrics.protocol_errors.labels("handshake-timeout").inc()
+        log.info("handshake timed out", extra={"fields": {"peer": self._peer()}})
+        self._end_handshake()
+        self.abort()
+
+    def _fail(self, stage: str, why: str, reply: Optional[bytes] = None) -> None:
+        self.metrics.protocol_errors.labels(stage).inc()
+        log.info("handshake failed", extra={"fields": {"peer": self._peer(), "why": why}})
+        self._close_with(reply)
+
+    def _close_with(self, reply: Optional[bytes]) -> None:
+        self._end_handshake()
+        if self.transport is not None:
+            if reply:
+                self.transport.write(reply)
+            self.transport.close()
+
+    def _peer(self) -> str:
+        if self.transport is None:
+            return "?"
+        peer = self.transport.get_extra_info("peername")
+        return _fmt(peer) if peer else "?"
+
+    def _advance(self, data: bytes) -> None:
+        try:
+            events = self.socks.receive(data)
+            while events and not self.closed:
+                if not self._handle(events.pop(0)):
+                    return
+                events.extend(self.socks.receive())
+        except s5.Socks5Error as exc:
+            reply = self.socks.reply(exc.reply) if self.socks.state == "reply" else None
+            self._fail("socks5", str(exc), reply)
+        except ProtocolError as exc:
+            self._fail("hello", str(exc))
+
+    def _handle(self, event: s5.Event) -> bool:
+        assert self.transport is not None
+        settings = self.exit.settings
+        if isinstance(event, s5.Greeting):
+            if hl.METHOD_TUNNEL in event.methods:
+                self.transport.write(self.socks.select_method(hl.METHOD_TUNNEL))
+            elif settings.allow_plain and s5.USERPASS in event.methods:
+                self.transport.write(self.socks.select_method(s5.USERPASS))
+            else:
+                reason = "plain-refused" if s5.USERPASS in event.methods else "no-method"
+                self.metrics.auth_failures.labels(reason).inc()
+                log.info(
+                    "no acceptable method",
+                    extra={"fields": {"peer": self._peer(), "offered": event.methods.hex()}},
+                )
+                self._close_with(self.socks.select_method(s5.NO_ACCEPTABLE))
+                return False
+            return True
+        if isinstance(event, s5.SubNegotiation):
+            assert isinstance(event.message, hl.Hello)
+            return self._on_hello(event.message)
+        if isinstance(event, s5.UserPass):
+            secret = settings.keys.get(event.username)
+            ok = secret is not None and hmac.compare_digest(
+                secret, event.password.encode("utf-8", "replace")
+            )
+            self.transport.write(self.socks.auth_reply(ok))
+            if not ok:
+                self.metrics.auth_failures.labels("bad-password").inc()
+                self._close_with(None)
+                return False
+            self.key_id = event.username
+            return True
+        if isinstance(event, s5.Request):
+            if event.command != s5.CMD_CONNECT:
+                self._refuse(s5.COMMAND_NOT_SUPPORTED, "command-not-supported", event)
+                return False
+            self.transport.pause_reading()
+            self._task = asyncio.ensure_future(self._connect_guarded(event))
+            return False
+        return False
+
+    def _on_hello(self, hello: hl.Hello) -> bool:
+        assert self.transport is not None
+        settings = self.exit.settings
+        secret = settings.keys.get(hello.key_id)
+        if hello.is_resume:
+            # Sessions are not parked in this version: every resume is for an unknown session.
+            self.metrics.resumes.labels("unknown").inc()
+            return self._hello_refused(hello, hl.UNKNOWN_SESSION, "unknown-session")
+        if secret is None:
+            return self._hello_refused(hello, hl.BAD_AUTH, "unknown-key")
+        if not hl.verify_hello(hello, secret):
+            return self._hello_refused(hello, hl.BAD_AUTH, "bad-mac")
+        now_ms = int(time.time() * 1000)
+        status = self.exit.guard.check(hello.timestamp_ms, hello.nonce, now_ms)
+        if status != hl.OK:
+            reason = {hl.CLOCK_SKEW: "clock-skew", hl.REPLAY: "replay"}.get(status, "busy")
+            return self._hello_refused(hello, status, reason)
+        self.key_id = hello.key_id
+        ours = int(settings.heartbeat * 1000)
+        self.heartbeat_ms = max(MIN_HEARTBEAT_MS, min(ours, hello.heartbeat_ms or ours))
+        session_id = os.urandom(hl.SESSION_ID_SIZE)
+        nonce = os.urandom(hl.NONCE_SIZE)
+        self.transport.write(
+            hl.encode_reply(
+                secret, hello.mac, hl.OK, session_id, 0, self.heartbeat_ms, nonce, now_ms
+            )
+        )
+        self.socks.subnegotiation_done(True)
+        return True
+
+    def _hello_refused(self, hello: hl.Hello, status: int, reason: str) -> bool:
+        self.metrics.auth_failures.labels(reason).inc()
+        log.info(
+            "HELLO refused",
+            extra={"fields": {"peer": self._peer(), "key": hello.key_id, "reason": reason}},
+        )
+        self.socks.subnegotiation_done(False)
+        self._close_with(hl.encode_reply(None, hello.mac, status))
+        return False
+
+    def _refuse(self, code: int, result: str, request: s5.Request, why: str = "") -> None:
+        self.metrics.streams.labels(result).inc()
+        log.info(
+            "stream refused",
+            extra={
+                "fields": {
+                    "peer": self._peer(),
+                    "key": self.key_id,
+                    "dest": _fmt((request.host, request.port)),
+                    "result": result,
+                    "reason": why or s5.REPLY_NAMES.get(code, ""),
+                }
+            },
+        )
+        self._close_with(self.socks.reply(code))
+
+    async def _connect_guarded(self, request: s5.Request) -> None:
+        try:
+            await self._connect(request)
+        except Exception:
+            log.exception("stream set-up failed", extra={"fields": {"peer": self._peer()}})
+            self.metrics.streams.labels("error").inc()
+            self._end_handshake()
+            self.abort()
+
+    async def _connect(self, request: s5.Request) -> None:
+        relay_exit = self.exit
+        settings = relay_exit.settings
+        if len(relay_exit.pumps) >= settings.max_streams:
+            self.metrics.limit_hits.labels("streams").inc()
+            self._refuse(s5.GENERAL_FAILURE, "limit", request, "too many streams")
+            return
+        if relay_exit.streams_per_key[self.key_id] >= settings.max_streams_per_key:
+            self.metrics.limit_hits.labels("streams-per-key").inc()
+            self._refuse(s5.GENERAL_FAILURE, "limit", request, "too many streams for this key")
+            return
+        try:
+            addresses = await self._resolve(request)
+        except _Refusal as refusal:
+            if not self.closed:
+                self._refuse(refusal.code, refusal.result, request, refusal.why)
+            return
+        dest, error = None, None
+        loop = asyncio.get_running_loop()
+        for address in addresses:
+            try:
+                dest = await asyncio.wait_for(
+                    loop.create_connection(PlainProtocol, address, request.port),
+                    settings.connect_timeout,
+                )
+                break
+            except (OSError, asyncio.TimeoutError) as exc:
+                error = exc
+        if self.closed:
+            if dest is not None:
+                dest[0].close()
+            return
+        if dest is None:
+            code, why = _connect_error(error)
+            self._refuse(code, "connect-failed", request, why)
+            return
+        transport, protocol = dest
+        dest_sock = transport_socket(transport)
+        set_keepalive(dest_sock, settings.tcp_keepalive)
+        set_nodelay(dest_sock)
+        bound = transport.get_extra_info("sockname") or ("0.0.0.0", 0)
+        self._start_data_phase(request, transport, protocol, bound)
+
+    async def _resolve(self, request: s5.Request) -> list[str]:
+        """Resolve once, keep only addresses the policy allows; these are what gets dialled."""
+        policy = self.exit.settings.policy
+        port = request.port
+        if request.atyp != s5.ATYP_DOMAIN:
+            decision = policy.check(request.host, port)
+            if not decision.allowed:
+                raise self._denied(decision.reason)
+            return [request.host]
+        name = request.host
+        if not policy.may_allow_name(name, port):
+            raise self._denied("no_rule")
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(name, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP),
+                self.exit.settings.connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise _Refusal(s5.HOST_UNREACHABLE, "unresolved", f"cannot resolve: {exc}") from None
+        allowed: list[str] = []
+        first_reason = ""
+        for info in infos:
+            address = str(info[4][0])
+            decision = policy.check(address, port, name)
+            if decision.allowed:
+                if address not in allowed:
+                    allowed.append(address)
+            elif not first_reason:
+                first_reason = decision.reason
+        if not allowed:
+            raise self._denied(first_reason or "no_rule")
+        return allowed
+
+    def _denied(self, reason: str) -> _Refusal:
+        self.metrics.policy_denials.labels(reason).inc()
+        return _Refusal(s5.NOT_ALLOWED, "denied", f"policy: {reason}")
+
+    def _start_data_phase(
+        self, request: s5.Request, transport: asyncio.Transport, dest: PlainProtocol, bound: Any
+    ) -> None:
+        assert self.transport is not None
+        relay_exit = self.exit
+        settings = relay_exit.settings
+        self.transport.write(self.socks.reply(s5.SUCCEEDED, str(bound[0]), int(bound[1])))
+        self.metrics.handshake.observe(time.monotonic() - self.started)
+        self._end_handshake()
+        early = self.socks.trailing()
+        info = StreamInfo(os.urandom(4).hex(), _fmt((request.host, request.port)), self.key_id)
+        relay_exit.streams_per_key[self.key_id] += 1
+        if self.socks.method == hl.METHOD_TUNNEL:
+            loop = asyncio.get_running_loop()
+            stream = TunnelStream(
+                heartbeat=self.heartbeat_ms / 1000,
+                now=loop.time(),
+                misses=settings.heartbeat_misses,
+                replay_limit=settings.replay_buffer,
+            )
+            pump = TunnelPump(
+                stream, info, self.metrics, plain_is_client=False, on_done=relay_exit.stream_done
+            )
+            relay_exit.pumps.add(pump)
+            self.tunnel = pump
+            pump.attach_plain(dest)
+            pump.attach_carrier(self.transport, early)
+        else:
+            raw = RawPump(info, self.metrics, on_done=relay_exit.stream_done)
+            relay_exit.pumps.add(raw)
+            if early:
+                transport.write(early)
+                info.up += len(early)
+            raw.attach(self, dest)
+        if self.transport is not None:
+            self.transport.resume_reading()
+        log.debug(
+            "stream open",
+            extra={
+                "fields": {"stream": info.stream_id, "key": self.key_id, "dest": info.destination}
+            },
+        )
+
+
+class _Refusal(Exception):
+    def __init__(self, code: int, result: str, why: str) -> None:
+        super().__init__(why)
+        self.code = code
+        self.result = result
+        self.why = why
+
+
+def _connect_error(error: Optional[BaseException]) -> tuple[int, str]:
+    if isinstance(error, asyncio.TimeoutError):
+        return s5.HOST_UNREACHABLE, "connect timed out"
+    if isinstance(error, ConnectionRefusedError):
+        return s5.CONNECTION_REFUSED, "connection refused"
+    if isinstance(error, OSError):
+        if error.errno == errno.ENETUNREACH:
+            return s5.NETWORK_UNREACHABLE, "network unreachable"
+        if error.errno == errno.EHOSTUNREACH:
+            return s5.HOST_UNREACHABLE, "host unreachable"
+        return s5.GENERAL_FAILURE, str(error)
+    return s5.GENERAL_FAILURE, "no address to dial"
+
+
+def _fmt(addr: Any) -> str:
+    return format_hostport(addr[0], addr[1])

@@ -1,0 +1,501 @@
+"""Byte pumps between two transports, with back-pressure through the transports themselves.
+
+:class:`TunnelPump` joins a plain TCP side (the application at the worker, the destination at
+the exit) to a carrier that speaks the framed tunnel protocol. :class:`RawPump` joins two plain
+sides (the exit's plain SOCKS5 mode, the worker's upstream mode). Both are driven by protocol
+callbacks only: no coroutine per chunk, no copies beyond what framing needs. Either side may
+deliver bytes before the other side exists; they are held and the early side stops reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, Callable, Optional
+
+from relay.metrics import Metrics
+from relay.proto import ProtocolError
+from relay.proto import frames as fr
+from relay.proto.stream import Rtt, TunnelStream
+from relay.sockopts import abort_with_reset
+
+log = logging.getLogger("relay.stream")
+
+# Reasons a stream ends; also the ``result`` label of relay_streams_total.
+OK = "ok"
+RESET = "reset"
+PEER_RESET = "peer-reset"
+CARRIER_LOST = "carrier-lost"
+HEARTBEAT_TIMEOUT = "heartbeat-timeout"
+PROTOCOL_ERROR = "protocol-error"
+SHUTDOWN = "shutdown"
+
+_RST_RESULT = {
+    fr.RST_PEER_RESET: PEER_RESET,
+    fr.RST_PROTOCOL: PROTOCOL_ERROR,
+    fr.RST_TIMEOUT: HEARTBEAT_TIMEOUT,
+    fr.RST_SHUTDOWN: SHUTDOWN,
+    fr.RST_UNKNOWN_SESSION: CARRIER_LOST,
+}
+
+
+class PlainProtocol(asyncio.Protocol):
+    """The plain TCP side of a pump (application or destination socket)."""
+
+    def __init__(self, pump: Optional[Any] = None) -> None:
+        self.pump = pump
+        self.transport: Optional[asyncio.Transport] = None
+        self._early: list[bytes] = []
+        self._early_eof = False
+        self._early_lost: Optional[tuple[Optional[Exception]]] = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def attach(self, pump: Any) -> None:
+        """Hand over to ``pump``, replaying anything that arrived before it existed."""
+        self.pump = pump
+        early, self._early = self._early, []
+        for data in early:
+            pump.plain_data(data)
+        if self._early_eof:
+            pump.plain_eof()
+        if self._early_lost is not None:
+            pump.plain_lost(self._early_lost[0])
+
+    def data_received(self, data: bytes) -> None:
+        if self.pump is None:
+            # uvloop may deliver data even after pause_reading(); keep it, in order.
+            self._early.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
+        self.pump.plain_data(data)
+
+    def eof_received(self) -> bool:
+        if self.pump is None:
+            self._early_eof = True
+            return True
+        return self.pump.plain_eof()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self.pump is None:
+            self._early_lost = (exc,)
+            return
+        self.pump.plain_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.pump is not None:
+            self.pump.plain_pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.pump is not None:
+            self.pump.plain_resume_writing()
+
+
+class StreamInfo:
+    """What a stream close log line and its metrics say."""
+
+    __slots__ = ("destination", "down", "key_id", "started", "stream_id", "up")
+
+    def __init__(self, stream_id: str, destination: str, key_id: str = "") -> None:
+        self.stream_id = stream_id
+        self.destination = destination
+        self.key_id = key_id
+        self.started = time.monotonic()
+        self.up = 0
+        self.down = 0
+
+    def log_end(self, result: str, reason: str) -> None:
+        """The one line per stream an operator greps for."""
+        log.info(
+            "stream closed",
+            extra={
+                "fields": {
+                    "stream": self.stream_id,
+                    "key": self.key_id,
+                    "dest": self.destination,
+                    "up": self.up,
+                    "down": self.down,
+                    "duration": round(time.monotonic() - self.started, 3),
+                    "result": result,
+                    "reason": reason,
+                }
+            },
+        )
+
+
+class _Pausable:
+    """Pause a transport's reading for several independent reasons, resume when none remain."""
+
+    __slots__ = ("reasons", "target")
+
+    def __init__(self) -> None:
+        self.target: Any = None
+        self.reasons: set[str] = set()
+
+    def pause(self, reason: str) -> None:
+        if not self.reasons and self.target is not None:
+            self.target.pause_reading()
+        self.reasons.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason in self.reasons:
+            self.reasons.discard(reason)
+            if not self.reasons and self.target is not None:
+                self.target.resume_reading()
+
+
+class TunnelPump:
+    """Plain TCP <-> framed tunnel carrier for one stream; owns the stream's lifetime."""
+
+    def __init__(
+        self,
+        stream: TunnelStream,
+        info: StreamInfo,
+        metrics: Metrics,
+        *,
+        plain_is_client: bool,
+        on_done: Optional[Callable[[TunnelPump, str], None]] = None,
+        on_carrier_lost: Optional[Callable[[TunnelPump, str], bool]] = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.stream = stream
+        self.info = info
+        self.metrics = metrics
+        self.plain: Optional[asyncio.Transport] = None
+        self.carrier: Any = None
+        self._up_from_plain = plain_is_client
+        self._on_done = on_done
+        self._on_carrier_lost = on_carrier_lost
+        self._plain_reading = _Pausable()
+        self._carrier_reading = _Pausable()
+        self._plain_eof_seen = False
+        self._plain_eof_written = False
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._sent_unflushed = 0
+        self._recv_unflushed = 0
+        self.done: Optional[str] = None
+        metrics.streams_active.inc()
+
+    # -- wiring ---------------------------------------------------------------------------
+    def attach_plain(self, protocol: PlainProtocol) -> None:
+        assert protocol.transport is not None
+        self.plain = protocol.transport
+        self._plain_reading.target = self.plain
+        self._plain_reading.reasons.clear()
+        if self.carrier is None:
+            self._plain_reading.pause("no-carrier")
+        protocol.attach(self)
+        if self.done is None and self.plain is not None:
+            self.plain.resume_reading()
+            if self._plain_reading.reasons:
+                self.plain.pause_reading()
+
+    def attach_carrier(self, carrier: Any, early: bytes = b"") -> None:
+        """Start (or, after a resume, continue) the data phase on ``carrier``."""
+        self.carrier = carrier
+        self._carrier_reading.target = carrier
+        self._carrier_reading.reasons.clear()
+        self._plain_reading.resume("no-carrier")
+        self._plain_reading.resume("carrier-full")
+        self._schedule()
+        if early:
+            self.carrier_data(early)
+
+    # -- plain side -----------------------------------------------------------------------
+    def plain_data(self, data: bytes) -> None:
+        if self.done is not None or self.carrier is None:
+            return
+        stream = self.stream
+        self.carrier.writelines(stream.send(data, self.loop.time()))
+        self._sent_unflushed += len(data)
+        if stream.window <= 0:
+            self._plain_reading.pause("window")
+
+    def plain_eof(self) -> bool:
+        self._plain_eof_seen = True
+        if self.done is None and self.carrier is not None:
+            self.carrier.write(self.stream.send_fin(self.loop.time()))
+            self._maybe_finish()
+        return True
+
+    def plain_lost(self, exc: Optional[Exception]) -> None:
+        self.plain = None
+        if self.done is not None:
+            return
+        if exc is None and self._plain_eof_seen and self.stream.fin_received:
+            self._maybe_finish()
+            return
+        reason = "closed" if exc is None else _describe(exc)
+        self._reset_carrier(fr.RST_PEER_RESET, reason)
+        self._finish(PEER_RESET if exc is not None else RESET, reason)
+
+    def plain_pause_writing(self) -> None:
+        self._carrier_reading.pause("plain-full")
+
+    def plain_resume_writing(self) -> None:
+        self._carrier_reading.resume("plain-full")
+
+    # -- carrier side ---------------------------------------------------------------------
+    def carrier_data(self, data: bytes) -> None:
+        if self.done is not None:
+            return
+        stream = self.stream
+        try:
+            events, reply = stream.receive(data, self.loop.time())
+        except ProtocolError as exc:
+            self.metrics.protocol_errors.labels("data").inc()
+            self._reset_carrier(fr.RST_PROTOCOL, str(exc))
+            self._reset_plain()
+            self._finish(PROTOCOL_ERROR, str(exc))
+            return
+        plain = self.plain
+        for event in events:
+            kind = type(event)
+            if kind is fr.Data:
+                if plain is not None:
+                    plain.write(event.payload)  # type: ignore[union-attr]
+                self._recv_unflushed += len(event.payload)  # type: ignore[union-attr]
+            elif kind is fr.Fin:
+                if plain is not None and plain.can_write_eof():
+                    plain.write_eof()
+                self._plain_eof_written = True
+            elif kind is fr.Reset:
+                self._reset_plain()
+                self._close_carrier()
+                code, text = event  # type: ignore[misc]
+                self._finish(_RST_RESULT.get(code, RESET), text or fr.RST_CODE_NAMES.get(code, ""))
+                return
+            elif kind is Rtt:
+                self.metrics.heartbeat_rtt.observe(event.seconds)  # type: ignore[union-attr]
+            elif stream.window > 0:
+                self._plain_reading.resume("window")
+        if reply and self.carrier is not None:
+            self.carrier.write(reply)
+        self._maybe_finish()
+
+    def carrier_lost(self, why: str) -> None:
+        """The carrier closed or failed; clean if the stream already finished, else a loss."""
+        if self.done is not None:
+            return
+        self.carrier = None
+        self._cancel_timer()
+        if self.stream.finished:
+            self._finish(OK, "")
+            return
+        if self._on_carrier_lost is not None and self._on_carrier_lost(self, why):
+            self._plain_reading.pause("no-carrier")
+            return
+        self._reset_plain()
+        self._finish(CARRIER_LOST, why)
+
+    def carrier_pause_writing(self) -> None:
+        self._plain_reading.pause("carrier-full")
+
+    def carrier_resume_writing(self) -> None:
+        self._plain_reading.resume("carrier-full")
+
+    # -- time -----------------------------------------------------------------------------
+    def _schedule(self) -> None:
+        self._cancel_timer()
+        self._timer = self.loop.call_at(self.stream.deadline, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.done is not None or self.carrier is None:
+            return
+        self._flush_counters()
+        now = self.loop.time()
+        if self.stream.is_dead(now):
+            carrier = self.carrier
+            self._close_carrier(abort=True)
+            log.debug(
+                "stream %s: no frame for %.1fs", self.info.stream_id, now - self.stream.last_recv
+            )
+            self.carrier = carrier
+            self.carrier_lost("heartbeat timeout")
+            return
+        out = self.stream.poll(now)
+        if out:
+            self.carrier.write(out)
+        self._schedule()
+
+    # -- ending ---------------------------------------------------------------------------
+    def _maybe_finish(self) -> None:
+        stream = self.stream
+        if self._plain_eof_seen and self._plain_eof_written and self.plain is not None:
+            self.plain.close()
+        if stream.finished and self.carrier is not None:
+            self._close_carrier()
+            self._finish(OK, "")
+
+    def _reset_plain(self) -> None:
+        if self.plain is not None:
+            abort_with_reset(self.plain)
+            self.plain = None
+
+    def _reset_carrier(self, code: int, reason: str) -> None:
+        if self.carrier is not None:
+            with contextlib.suppress(OSError, RuntimeError):
+                self.carrier.write(self.stream.send_reset(code, reason))
+            self._close_carrier()
+
+    def _close_carrier(self, abort: bool = False) -> None:
+        carrier, self.carrier = self.carrier, None
+        if carrier is not None:
+            with contextlib.suppress(OSError, RuntimeError):
+                carrier.abort() if abort else carrier.close()
+
+    def shutdown(self, reason: str = "shutdown") -> None:
+        """Reset both sides now (daemon stopping or key revoked)."""
+        if self.done is None:
+            self._reset_carrier(fr.RST_SHUTDOWN, reason)
+            self._reset_plain()
+            self._finish(SHUTDOWN, reason)
+
+    def _flush_counters(self) -> None:
+        sent, recv = self._sent_unflushed, self._recv_unflushed
+        self._sent_unflushed = self._recv_unflushed = 0
+        up, down = (sent, recv) if self._up_from_plain else (recv, sent)
+        if up:
+            self.metrics.bytes.labels("up").inc(up)
+        if down:
+            self.metrics.bytes.labels("down").inc(down)
+        self.info.up += up
+        self.info.down += down
+
+    def _finish(self, result: str, reason: str) -> None:
+        if self.done is not None:
+            return
+        self.done = result
+        self._cancel_timer()
+        self._flush_counters()
+        if self.plain is not None and result == OK:
+            self.plain.close()
+        self.metrics.streams_active.dec()
+        self.metrics.streams.labels(result).inc()
+        self.info.log_end(result, reason)
+        if self._on_done is not None:
+            self._on_done(self, result)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
+class RawPump:
+    """Plain <-> plain byte relay with half-close in both directions and resets passed on."""
+
+    def __init__(
+        self,
+        info: StreamInfo,
+        metrics: Metrics,
+        on_done: Optional[Callable[[RawPump, str], None]] = None,
+    ) -> None:
+        self.info = info
+        self.metrics = metrics
+        self.sides: list[Optional[asyncio.Transport]] = [None, None]
+        self._reading = [_Pausable(), _Pausable()]
+        self._eof = [False, False]
+        self._on_done = on_done
+        self.done: Optional[str] = None
+        metrics.streams_active.inc()
+
+    def attach(self, client: PlainProtocol, upstream: PlainProtocol) -> None:
+        for index, proto in enumerate((client, upstream)):
+            assert proto.transport is not None
+            self.sides[index] = proto.transport
+            self._reading[index].target = proto.transport
+        client.attach(_RawSide(self, 0))
+        upstream.attach(_RawSide(self, 1))
+        for transport in self.sides:
+            if transport is not None and self.done is None:
+                transport.resume_reading()
+
+    def data(self, index: int, data: bytes) -> None:
+        other = self.sides[1 - index]
+        if other is None:
+            return
+        other.write(data)
+        if index == 0:
+            self.info.up += len(data)
+        else:
+            self.info.down += len(data)
+
+    def eof(self, index: int) -> bool:
+        self._eof[index] = True
+        other = self.sides[1 - index]
+        if other is not None and other.can_write_eof():
+            other.write_eof()
+        if all(self._eof):
+            self._end(OK, "")
+        return True
+
+    def lost(self, index: int, exc: Optional[Exception]) -> None:
+        self.sides[index] = None
+        if self.done is not None:
+            return
+        if exc is None and all(self._eof):
+            self._end(OK, "")
+            return
+        abort_with_reset(self.sides[1 - index])
+        self.sides[1 - index] = None
+        self._end(PEER_RESET if exc is not None else RESET, _describe(exc) if exc else "closed")
+
+    def pause(self, index: int) -> None:
+        self._reading[1 - index].pause("full")
+
+    def resume(self, index: int) -> None:
+        self._reading[1 - index].resume("full")
+
+    def _end(self, result: str, reason: str) -> None:
+        if self.done is not None:
+            return
+        self.done = result
+        for transport in self.sides:
+            if transport is not None:
+                transport.close()
+        self.metrics.streams_active.dec()
+        self.metrics.streams.labels(result).inc()
+        self.metrics.bytes.labels("up").inc(self.info.up)
+        self.metrics.bytes.labels("down").inc(self.info.down)
+        self.info.log_end(result, reason)
+        if self._on_done is not None:
+            self._on_done(self, result)
+
+
+class _RawSide:
+    """Routes one side's PlainProtocol callbacks into a RawPump with its index."""
+
+    __slots__ = ("index", "pump")
+
+    def __init__(self, pump: RawPump, index: int) -> None:
+        self.pump = pump
+        self.index = index
+
+    def plain_data(self, data: bytes) -> None:
+        self.pump.data(self.index, data)
+
+    def plain_eof(self) -> bool:
+        return self.pump.eof(self.index)
+
+    def plain_lost(self, exc: Optional[Exception]) -> None:
+        self.pump.lost(self.index, exc)
+
+    def plain_pause_writing(self) -> None:
+        self.pump.pause(self.index)
+
+    def plain_resume_writing(self) -> None:
+        self.pump.resume(self.index)

@@ -1,0 +1,449 @@
+"""relay-worker: the compute node's local SOCKS5 listener, carrying each stream to the exit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+from urllib.parse import urlsplit
+
+import asyncssh
+from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
+from python_socks.async_.asyncio import Proxy
+
+from relay.addresses import format_hostport
+from relay.carrier import Opened, SshCarrier, TcpCarrier, TunnelRefused, new_opener
+from relay.metrics import Metrics, serve_metrics
+from relay.proto import ProtocolError
+from relay.proto import socks5 as s5
+from relay.proto.stream import TunnelStream
+from relay.pump import PlainProtocol, RawPump, StreamInfo, TunnelPump
+from relay.secrets import load_secret, load_userpass
+from relay.sockopts import set_keepalive, set_nodelay, transport_socket
+from relay.sshhop import Login, SshHop, SshUnavailable
+
+log = logging.getLogger("relay.worker")
+
+LOCAL_HANDSHAKE_TIMEOUT = 30.0
+
+
+class WorkerSettings:
+    """The knobs the worker reads, so tests and the demo need not build a whole config."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.socks_host: str = kwargs.pop("socks_host", "127.0.0.1")
+        self.socks_port: int = kwargs.pop("socks_port", 1080)
+        self.socks_credentials: Optional[tuple[str, str]] = kwargs.pop("socks_credentials", None)
+        self.logins: list[Login] = list(kwargs.pop("logins", []))
+        self.ssh_key: Optional[Path] = kwargs.pop("ssh_key", None)
+        self.known_hosts: Optional[Path] = kwargs.pop("known_hosts", None)
+        self.exits: list[tuple[str, int]] = list(kwargs.pop("exits", []))
+        self.key_id: str = kwargs.pop("key_id", "")
+        self.secret: bytes = kwargs.pop("secret", b"")
+        self.upstream: Optional[tuple[str, int]] = kwargs.pop("upstream", None)
+        self.upstream_credentials: Optional[tuple[str, str]] = kwargs.pop(
+            "upstream_credentials", None
+        )
+        self.heartbeat: float = kwargs.pop("heartbeat", 25.0)
+        self.heartbeat_misses: int = kwargs.pop("heartbeat_misses", 3)
+        self.ssh_keepalive: float = kwargs.pop("ssh_keepalive", 15.0)
+        self.connect_timeout: float = kwargs.pop("connect_timeout", 15.0)
+        self.tcp_keepalive: float = kwargs.pop("tcp_keepalive", 60.0)
+        self.replay_buffer: int = kwargs.pop("replay_buffer", 4 * 1024 * 1024)
+        self.metrics_host: Optional[str] = kwargs.pop("metrics_host", None)
+        self.metrics_port: int = kwargs.pop("metrics_port", 0)
+        if kwargs:
+            raise TypeError(f"unknown worker settings: {', '.join(sorted(kwargs))}")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> WorkerSettings:
+        upstream = None
+        if cfg.upstream:
+            parts = urlsplit(cfg.upstream)
+            upstream = (parts.hostname or "", parts.port or 1080)
+        return cls(
+            socks_host=cfg.socks.host,
+            socks_port=cfg.socks.port,
+            socks_credentials=None if cfg.no_socks_auth else load_userpass(cfg.socks_auth),
+            logins=[Login(t.user, t.host, t.port) for t in cfg.login],
+            ssh_key=cfg.ssh_key,
+            known_hosts=cfg.known_hosts,
+            exits=[(e.host, e.port) for e in cfg.exit],
+            key_id=cfg.key_id or "",
+            secret=load_secret(cfg.secret_file) if cfg.secret_file else b"",
+            upstream=upstream,
+            upstream_credentials=(
+                load_userpass(cfg.upstream_auth, "--upstream-auth") if cfg.upstream_auth else None
+            ),
+            heartbeat=cfg.heartbeat,
+            heartbeat_misses=cfg.heartbeat_misses,
+            ssh_keepalive=cfg.ssh_keepalive,
+            connect_timeout=cfg.connect_timeout,
+            tcp_keepalive=cfg.tcp_keepalive,
+            replay_buffer=cfg.replay_buffer,
+            metrics_host=cfg.metrics.host if cfg.metrics else None,
+            metrics_port=cfg.metrics.port if cfg.metrics else 0,
+        )
+
+
+class OpenFailed(Exception):
+    """A stream could not be opened; ``code`` is the SOCKS5 reply for the local client."""
+
+    def __init__(self, code: int, why: str) -> None:
+        super().__init__(why)
+        self.code = code
+
+
+class RelayWorker:
+    def __init__(self, settings: WorkerSettings, metrics: Optional[Metrics] = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics("worker")
+        self.ssh: Optional[SshHop] = None
+        if settings.logins:
+            self.ssh = SshHop(
+                settings.logins,
+                settings.ssh_key,
+                settings.known_hosts,
+                self.metrics,
+                keepalive=settings.ssh_keepalive,
+                connect_timeout=settings.connect_timeout,
+            )
+        self.pumps: set[Union[TunnelPump, RawPump]] = set()
+        self.connections: set[LocalConnection] = set()
+        self._next_exit = 0
+        self._forward: Optional[tuple[Any, Any]] = None
+        self._server: Optional[asyncio.Server] = None
+        self._metrics_server: Optional[asyncio.Server] = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        self._server = await loop.create_server(
+            lambda: LocalConnection(self), s.socks_host, s.socks_port, backlog=1024
+        )
+        if s.metrics_host is not None:
+            self._metrics_server = await serve_metrics(self.metrics, s.metrics_host, s.metrics_port)
+        log.info(
+            "listening",
+            extra={
+                "fields": {
+                    "socks": format_hostport(*self.address),
+                    "auth": "user/password" if s.socks_credentials else "none",
+                    "mode": "upstream" if s.upstream else "tunnel",
+                    "logins": ",".join(str(x) for x in s.logins) or "-",
+                }
+            },
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[:2]
+
+    @property
+    def metrics_address(self) -> Optional[tuple[str, int]]:
+        if self._metrics_server is None:
+            return None
+        return self._metrics_server.sockets[0].getsockname()[:2]
+
+    async def stop(self) -> None:
+        for server in (self._server, self._metrics_server):
+            if server is not None:
+                server.close()
+        for pump in list(self.pumps):
+            if isinstance(pump, TunnelPump):
+                pump.shutdown()
+            else:
+                pump.lost(0, ConnectionAbortedError("worker stopping"))
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self.ssh is not None:
+            await self.ssh.close()
+
+    def stream_done(self, pump: Union[TunnelPump, RawPump], result: str) -> None:
+        self.pumps.discard(pump)
+
+    # -- opening streams ------------------------------------------------------------------
+    def _pick_exit(self) -> tuple[str, int]:
+        exits = self.settings.exits
+        if not exits:
+            raise OpenFailed(s5.GENERAL_FAILURE, "no exit configured")
+        chosen = exits[self._next_exit % len(exits)]
+        self._next_exit += 1
+        return chosen
+
+    async def open_carrier(self, host: str, port: int) -> tuple[Any, Opened]:
+        """Open a carrier to an exit and run the handshake for ``host:port``."""
+        s = self.settings
+        exit_host, exit_port = self._pick_exit()
+        carrier: Union[SshCarrier, TcpCarrier]
+        try:
+            if self.ssh is not None:
+                conn = await self.ssh.connection()
+                _, session = await conn.create_connection(SshCarrier, exit_host, exit_port)
+                assert isinstance(session, SshCarrier)
+                carrier = session
+            else:
+                loop = asyncio.get_running_loop()
+                transport, carrier = await loop.create_connection(TcpCarrier, exit_host, exit_port)
+                set_keepalive(transport_socket(transport), s.tcp_keepalive)
+                set_nodelay(transport_socket(transport))
+        except SshUnavailable as exc:
+            self.metrics.carriers.labels("ssh-unavailable").inc()
+            raise OpenFailed(s5.GENERAL_FAILURE, f"no login node: {exc}") from None
+        except asyncssh.ChannelOpenError as exc:
+            self.metrics.carriers.labels("exit-unreachable").inc()
+            raise OpenFailed(
+                s5.GENERAL_FAILURE,
+                f"login node cannot reach exit {exit_host}:{exit_port}: {exc.reason}",
+            ) from None
+        except OSError as exc:
+            self.metrics.carriers.labels("exit-unreachable").inc()
+            raise OpenFailed(
+                s5.GENERAL_FAILURE, f"cannot reach exit {exit_host}:{exit_port}: {exc}"
+            ) from None
+        carrier.start(new_opener(s.secret, s.key_id, s.heartbeat, (host, port)))
+        try:
+            opened = await carrier.opened
+        except TunnelRefused as exc:
+            self.metrics.carriers.labels("refused").inc()
+            self.metrics.auth_failures.labels(f"exit-{exc.stage}").inc()
+            raise OpenFailed(s5.GENERAL_FAILURE, str(exc)) from None
+        except (ProtocolError, ConnectionError) as exc:
+            carrier.link.close()
+            self.metrics.carriers.labels("failed").inc()
+            raise OpenFailed(s5.GENERAL_FAILURE, f"tunnel handshake: {exc}") from None
+        self.metrics.carriers.labels("ok").inc()
+        return carrier, opened
+
+    async def open_upstream(self, host: str, port: int) -> Any:
+        """A socket to ``host:port`` through the plain SOCKS5 upstream (python-socks)."""
+        s = self.settings
+        assert s.upstream is not None
+        up_host, up_port = s.upstream
+        if self.ssh is not None:
+            up_host, up_port = "127.0.0.1", await self._upstream_forward()
+        user, password = s.upstream_credentials or (None, None)
+        proxy = Proxy(ProxyType.SOCKS5, up_host, up_port, username=user, password=password)
+        try:
+            return await proxy.connect(host, port, timeout=s.connect_timeout)
+        except ProxyError as exc:
+            code = getattr(exc, "error_code", None)
+            code = code if isinstance(code, int) and 0 < code < 256 else s5.GENERAL_FAILURE
+            raise OpenFailed(code, f"upstream refused: {exc}") from None
+        except (ProxyConnectionError, ProxyTimeoutError, OSError) as exc:
+            raise OpenFailed(s5.GENERAL_FAILURE, f"upstream unreachable: {exc}") from None
+
+    async def _upstream_forward(self) -> int:
+        """Loopback port forwarded over the SSH connection to the upstream (like ``ssh -L``)."""
+        assert self.ssh is not None and self.settings.upstream is not None
+        try:
+            conn = await self.ssh.connection()
+        except SshUnavailable as exc:
+            raise OpenFailed(s5.GENERAL_FAILURE, f"no login node: {exc}") from None
+        if self._forward is None or self._forward[0] is not conn:
+            host, port = self.settings.upstream
+            listener = await conn.forward_local_port("127.0.0.1", 0, host, port)
+            self._forward = (conn, listener)
+        return int(self._forward[1].get_port())
+
+
+class LocalConnection(PlainProtocol):
+    """One local client: SOCKS5 with RFC 1929 credentials, then one relayed stream."""
+
+    def __init__(self, worker: RelayWorker) -> None:
+        super().__init__()
+        self.worker = worker
+        self.metrics = worker.metrics
+        self.socks = s5.Socks5Server()
+        self.in_handshake = True
+        self.closed = False
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._task: Optional[asyncio.Future[None]] = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.worker.connections.add(self)
+        sock = transport_socket(transport)
+        set_keepalive(sock, self.worker.settings.tcp_keepalive)
+        set_nodelay(sock)
+        self._timer = asyncio.get_running_loop().call_later(
+            LOCAL_HANDSHAKE_TIMEOUT, self._timed_out
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self.in_handshake:
+            self._advance(data)
+        else:
+            super().data_received(data)
+
+    def eof_received(self) -> bool:
+        if self.in_handshake and self._task is None:
+            self._close()
+            return False
+        return super().eof_received()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.closed = True
+        self.worker.connections.discard(self)
+        self._cancel_timer()
+        if not self.in_handshake or self._task is not None:
+            super().connection_lost(exc)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self.metrics.protocol_errors.labels("local-handshake-timeout").inc()
+        self._close()
+
+    def _close(self, reply: Optional[bytes] = None) -> None:
+        self._cancel_timer()
+        if self.transport is not None:
+            if reply:
+                self.transport.write(reply)
+            self.transport.close()
+
+    def _advance(self, data: bytes) -> None:
+        try:
+            events = self.socks.receive(data)
+            while events and not self.closed:
+                if not self._handle(events.pop(0)):
+                    return
+                events.extend(self.socks.receive())
+        except s5.Socks5Error as exc:
+            self.metrics.protocol_errors.labels("local-socks5").inc()
+            log.info("bad SOCKS5 from local client", extra={"fields": {"why": str(exc)}})
+            self._close(self.socks.reply(exc.reply) if self.socks.state == "reply" else None)
+
+    def _handle(self, event: s5.Event) -> bool:
+        assert self.transport is not None
+        required = self.worker.settings.socks_credentials
+        if isinstance(event, s5.Greeting):
+            if s5.USERPASS in event.methods:
+                self.transport.write(self.socks.select_method(s5.USERPASS))
+            elif required is None and s5.NO_AUTH in event.methods:
+                self.transport.write(self.socks.select_method(s5.NO_AUTH))
+            else:
+                self.metrics.auth_failures.labels("local-no-credentials").inc()
+                self._close(self.socks.select_method(s5.NO_ACCEPTABLE))
+                return False
+            return True
+        if isinstance(event, s5.UserPass):
+            ok = required is None or (
+                hmac.compare_digest(event.username.encode(), required[0].encode())
+                & hmac.compare_digest(event.password.encode(), required[1].encode())
+            )
+            self.transport.write(self.socks.auth_reply(ok))
+            if not ok:
+                self.metrics.auth_failures.labels("local-bad-credentials").inc()
+                self._close()
+                return False
+            return True
+        if isinstance(event, s5.Request):
+            if event.command != s5.CMD_CONNECT:
+                self._close(self.socks.reply(s5.COMMAND_NOT_SUPPORTED))
+                return False
+            self.transport.pause_reading()
+            self._task = asyncio.ensure_future(self._open(event))
+            return False
+        return False
+
+    async def _open(self, request: s5.Request) -> None:
+        worker = self.worker
+        started = time.monotonic()
+        self.in_handshake = False
+        self._early.append(self.socks.trailing())
+        dest = (
+            f"[{request.host}]:{request.port}"
+            if ":" in request.host
+            else (f"{request.host}:{request.port}")
+        )
+        info = StreamInfo(os.urandom(4).hex(), dest, worker.settings.key_id)
+        try:
+            if worker.settings.upstream is not None:
+                sock = await asyncio.wait_for(
+                    worker.open_upstream(request.host, request.port),
+                    worker.settings.connect_timeout + 5,
+                )
+                await self._start_raw(sock, info)
+            else:
+                await self._start_tunnel(request, info)
+            worker.metrics.handshake.observe(time.monotonic() - started)
+        except OpenFailed as exc:
+            self._refused(info, exc.code, str(exc))
+        except asyncio.TimeoutError:
+            self._refused(info, s5.GENERAL_FAILURE, "timed out opening the stream")
+        except Exception as exc:
+            log.exception("stream set-up failed")
+            self._refused(info, s5.GENERAL_FAILURE, f"internal error: {exc}")
+
+    def _refused(self, info: StreamInfo, code: int, why: str) -> None:
+        self.metrics.streams.labels("refused").inc()
+        log.info(
+            "stream refused",
+            extra={
+                "fields": {
+                    "stream": info.stream_id,
+                    "dest": info.destination,
+                    "reply": s5.REPLY_NAMES.get(code, code),
+                    "reason": why,
+                }
+            },
+        )
+        if not self.closed:
+            self._close(self.socks.reply(code))
+
+    async def _start_tunnel(self, request: s5.Request, info: StreamInfo) -> None:
+        worker = self.worker
+        s = worker.settings
+        carrier, opened = await asyncio.wait_for(
+            worker.open_carrier(request.host, request.port), s.connect_timeout + 5
+        )
+        connected = opened.connected
+        assert connected is not None
+        if connected.code != s5.SUCCEEDED or self.closed:
+            carrier.link.close()
+            if self.closed:
+                return
+            raise OpenFailed(connected.code, "exit: " + s5.REPLY_NAMES.get(connected.code, "?"))
+        assert self.transport is not None
+        self._cancel_timer()
+        self.transport.write(self.socks.reply(s5.SUCCEEDED, connected.host, connected.port))
+        loop = asyncio.get_running_loop()
+        stream = TunnelStream(
+            heartbeat=opened.established.heartbeat_ms / 1000,
+            now=loop.time(),
+            misses=s.heartbeat_misses,
+            replay_limit=s.replay_buffer,
+        )
+        pump = TunnelPump(
+            stream, info, self.metrics, plain_is_client=True, on_done=worker.stream_done
+        )
+        worker.pumps.add(pump)
+        pump.attach_plain(self)
+        carrier.attach(pump)
+
+    async def _start_raw(self, sock: Any, info: StreamInfo) -> None:
+        loop = asyncio.get_running_loop()
+        transport, upstream = await loop.create_connection(PlainProtocol, sock=sock)
+        if self.closed:
+            transport.close()
+            return
+        assert self.transport is not None
+        self._cancel_timer()
+        self.transport.write(self.socks.reply(s5.SUCCEEDED))
+        raw = RawPump(info, self.metrics, on_done=self.worker.stream_done)
+        self.worker.pumps.add(raw)
+        with contextlib.suppress(AttributeError):
+            set_keepalive(transport_socket(transport), self.worker.settings.tcp_keepalive)
+        raw.attach(self, upstream)

@@ -90,7 +90,7 @@ class CarrierBase:
                 return
             if isinstance(event, Established):
                 self._established = event
-                if opener.done:
+                if opener.is_resume:
                     self.opened.set_result(Opened(event, None))
             elif isinstance(event, Connected):
                 assert self._established is not None

@@ -4,7 +4,6 @@ dials only what the destination policy allows."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import hmac
 import logging
@@ -15,7 +14,8 @@ from collections import Counter
 from typing import Any, Optional, Union
 
 from relay.addresses import format_hostport
-from relay.metrics import Metrics, serve_metrics
+from relay.daemon import Daemon
+from relay.metrics import Metrics
 from relay.policy import Policy
 from relay.proto import ProtocolError
 from relay.proto import hello as hl
@@ -75,26 +75,25 @@ class ExitSettings:
         )
 
 
-class RelayExit:
+class RelayExit(Daemon):
+    role = "exit"
+
     def __init__(self, settings: ExitSettings, metrics: Optional[Metrics] = None) -> None:
+        super().__init__(metrics)
         self.settings = settings
-        self.metrics = metrics or Metrics("exit")
         self.guard = hl.ReplayGuard()
         self.handshakes = 0
         self.streams_per_key: Counter[str] = Counter()
-        self.pumps: set[Union[TunnelPump, RawPump]] = set()
-        self.connections: set[ExitConnection] = set()
-        self._server: Optional[asyncio.Server] = None
-        self._metrics_server: Optional[asyncio.Server] = None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         s = self.settings
-        self._server = await loop.create_server(
-            lambda: ExitConnection(self), s.listen_host, s.listen_port, backlog=1024
+        await self._listen(
+            lambda: ExitConnection(self),
+            s.listen_host,
+            s.listen_port,
+            s.metrics_host,
+            s.metrics_port,
         )
-        if s.metrics_host is not None:
-            self._metrics_server = await serve_metrics(self.metrics, s.metrics_host, s.metrics_port)
         log.info(
             "listening",
             extra={
@@ -107,36 +106,29 @@ class RelayExit:
             },
         )
 
-    @property
-    def address(self) -> tuple[str, int]:
-        assert self._server is not None
-        return self._server.sockets[0].getsockname()[:2]
-
-    @property
-    def metrics_address(self) -> Optional[tuple[str, int]]:
-        if self._metrics_server is None:
-            return None
-        return self._metrics_server.sockets[0].getsockname()[:2]
-
-    async def stop(self) -> None:
-        """Stop listening and reset what is still open."""
-        for server in (self._server, self._metrics_server):
-            if server is not None:
-                server.close()
-        for pump in list(self.pumps):
+    def reload(self, keys: dict[str, bytes], policy: Policy) -> None:
+        """Swap keys and policy at once; streams of a key that is gone are closed."""
+        self.settings.keys = keys
+        self.settings.policy = policy
+        revoked = [p for p in self.pumps if p.info.key_id not in keys]
+        for pump in revoked:
             if isinstance(pump, TunnelPump):
-                pump.shutdown()
+                pump.shutdown("key revoked")
             else:
-                pump.lost(0, ConnectionAbortedError("exit stopping"))
-        for conn in list(self.connections):
-            conn.abort()
-        for server in (self._server, self._metrics_server):
-            if server is not None:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(server.wait_closed(), 2)
+                pump.lost(0, ConnectionAbortedError("key revoked"))
+        log.info(
+            "reloaded",
+            extra={
+                "fields": {
+                    "keys": len(keys),
+                    "rules": len(policy.rules),
+                    "revoked_streams": len(revoked),
+                }
+            },
+        )
 
     def stream_done(self, pump: Union[TunnelPump, RawPump], result: str) -> None:
-        self.pumps.discard(pump)
+        super().stream_done(pump, result)
         key = pump.info.key_id
         self.streams_per_key[key] -= 1
         if self.streams_per_key[key] <= 0:

@@ -373,16 +373,15 @@ class Policy:
 
         denied = _denied_range(addr)
         if denied is not None:
+            port_miss = False
             for rule in self._openers:
                 net = rule.network
-                if (
-                    net is not None
-                    and net.version == addr.version
-                    and addr in net
-                    and rule.allows_port(port)
-                ):
-                    return Decision(True, "allowed", rule)
-            return Decision(False, denied, None)
+                if net is not None and net.version == addr.version and addr in net:
+                    if rule.allows_port(port):
+                        return Decision(True, "allowed", rule)
+                    port_miss = True
+            # A narrow rule opened this address, just not this port: say so.
+            return Decision(False, "port" if port_miss else denied, None)
 
         host = _normalise_name(name) if name is not None else None
         port_miss = False

@@ -174,6 +174,7 @@ class TunnelPump:
         self._carrier_reading = _Pausable()
         self._plain_eof_seen = False
         self._plain_eof_written = False
+        self._held: list[bytes] = []
         self._timer: Optional[asyncio.TimerHandle] = None
         self._sent_unflushed = 0
         self._recv_unflushed = 0
@@ -199,6 +200,11 @@ class TunnelPump:
         self.carrier = carrier
         self._carrier_reading.target = carrier
         self._carrier_reading.reasons.clear()
+        held, self._held = self._held, []
+        for data in held:
+            self.plain_data(data)
+        if self._plain_eof_seen and not self.stream.fin_sent:
+            self.plain_eof()
         self._plain_reading.resume("no-carrier")
         self._plain_reading.resume("carrier-full")
         self._schedule()
@@ -207,7 +213,12 @@ class TunnelPump:
 
     # -- plain side -----------------------------------------------------------------------
     def plain_data(self, data: bytes) -> None:
-        if self.done is not None or self.carrier is None:
+        if self.done is not None:
+            return
+        if self.carrier is None:
+            # Before the first carrier or between carriers: hold, in order, and stop reading.
+            self._held.append(data)
+            self._plain_reading.pause("no-carrier")
             return
         stream = self.stream
         self.carrier.writelines(stream.send(data, self.loop.time()))

@@ -10,7 +10,6 @@ import os
 import time
 from pathlib import Path
 from typing import Any, Optional, Union
-from urllib.parse import urlsplit
 
 import asyncssh
 from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
@@ -18,7 +17,8 @@ from python_socks.async_.asyncio import Proxy
 
 from relay.addresses import format_hostport
 from relay.carrier import Opened, SshCarrier, TcpCarrier, TunnelRefused, new_opener
-from relay.metrics import Metrics, serve_metrics
+from relay.daemon import Daemon
+from relay.metrics import Metrics
 from relay.proto import ProtocolError
 from relay.proto import socks5 as s5
 from relay.proto.stream import TunnelStream
@@ -62,10 +62,7 @@ class WorkerSettings:
 
     @classmethod
     def from_config(cls, cfg: Any) -> WorkerSettings:
-        upstream = None
-        if cfg.upstream:
-            parts = urlsplit(cfg.upstream)
-            upstream = (parts.hostname or "", parts.port or 1080)
+        upstream = (cfg.upstream.host, cfg.upstream.port) if cfg.upstream else None
         return cls(
             socks_host=cfg.socks.host,
             socks_port=cfg.socks.port,
@@ -99,10 +96,12 @@ class OpenFailed(Exception):
         self.code = code
 
 
-class RelayWorker:
+class RelayWorker(Daemon):
+    role = "worker"
+
     def __init__(self, settings: WorkerSettings, metrics: Optional[Metrics] = None) -> None:
+        super().__init__(metrics)
         self.settings = settings
-        self.metrics = metrics or Metrics("worker")
         self.ssh: Optional[SshHop] = None
         if settings.logins:
             self.ssh = SshHop(
@@ -113,21 +112,18 @@ class RelayWorker:
                 keepalive=settings.ssh_keepalive,
                 connect_timeout=settings.connect_timeout,
             )
-        self.pumps: set[Union[TunnelPump, RawPump]] = set()
-        self.connections: set[LocalConnection] = set()
         self._next_exit = 0
         self._forward: Optional[tuple[Any, Any]] = None
-        self._server: Optional[asyncio.Server] = None
-        self._metrics_server: Optional[asyncio.Server] = None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         s = self.settings
-        self._server = await loop.create_server(
-            lambda: LocalConnection(self), s.socks_host, s.socks_port, backlog=1024
+        await self._listen(
+            lambda: LocalConnection(self),
+            s.socks_host,
+            s.socks_port,
+            s.metrics_host,
+            s.metrics_port,
         )
-        if s.metrics_host is not None:
-            self._metrics_server = await serve_metrics(self.metrics, s.metrics_host, s.metrics_port)
         log.info(
             "listening",
             extra={
@@ -140,34 +136,10 @@ class RelayWorker:
             },
         )
 
-    @property
-    def address(self) -> tuple[str, int]:
-        assert self._server is not None
-        return self._server.sockets[0].getsockname()[:2]
-
-    @property
-    def metrics_address(self) -> Optional[tuple[str, int]]:
-        if self._metrics_server is None:
-            return None
-        return self._metrics_server.sockets[0].getsockname()[:2]
-
     async def stop(self) -> None:
-        for server in (self._server, self._metrics_server):
-            if server is not None:
-                server.close()
-        for pump in list(self.pumps):
-            if isinstance(pump, TunnelPump):
-                pump.shutdown()
-            else:
-                pump.lost(0, ConnectionAbortedError("worker stopping"))
-        for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
+        await super().stop()
         if self.ssh is not None:
             await self.ssh.close()
-
-    def stream_done(self, pump: Union[TunnelPump, RawPump], result: str) -> None:
-        self.pumps.discard(pump)
 
     # -- opening streams ------------------------------------------------------------------
     def _pick_exit(self) -> tuple[str, int]:

@@ -118,8 +118,8 @@ class TunnelOpener:
         return out
 
     @property
-    def done(self) -> bool:
-        return self._client.state == "done" or (self._resume and self.established is not None)
+    def is_resume(self) -> bool:
+        return self._resume
 
     def trailing(self) -> bytes:
         """Bytes after the handshake: the start of the data phase."""

@@ -1,0 +1,40 @@
+# hpc-relay: `make demo` and `make test` are the whole quick start.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test lint unit debs clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## the whole chain on loopback through an idle-killing middlebox
+demo: venv
+	$(BIN)/relay demo
+
+debs:
+	./scripts/install-debs
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/vermin --target=3.9- --no-tips --violations --eval-annotations relay glidein_wrapper
+
+## lint, then every test (needs root for namespaces and the Debian packages)
+test: venv debs lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## the fast tests only: no root, no namespaces
+unit: venv
+	$(BIN)/pytest -m "not netns" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,148 @@
+"""Command-line entry points: relay-exit, relay-worker and relay (demo, exit, worker)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Sequence
+from typing import Callable, Optional, Union
+
+from relay import __version__
+from relay.config import load_exit_config, load_worker_config
+from relay.errors import ConfigError
+from relay.exit import ExitSettings, RelayExit
+from relay.logs import setup_logging
+from relay.systemd import notify
+from relay.worker import RelayWorker, WorkerSettings
+
+log = logging.getLogger("relay")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_TEMPFAIL = 75
+DRAIN_SECONDS = 10.0
+
+
+def use_uvloop(enabled: bool) -> str:
+    """Install uvloop's event loop policy when wanted and installed; says which loop runs."""
+    if enabled:
+        try:
+            import uvloop
+        except ImportError:
+            return "asyncio"
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        return "uvloop"
+    return "asyncio"
+
+
+Daemon = Union[RelayExit, RelayWorker]
+
+
+async def _serve(daemon: Daemon, reload: Optional[Callable[[], None]]) -> int:
+    """Run until SIGTERM/SIGINT; then stop listening, let streams drain, reset the rest."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    try:
+        await daemon.start()
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_FAILED
+    notify("READY=1\nSTATUS=serving")
+    await stop.wait()
+    notify("STOPPING=1")
+    log.info("stopping: draining %d stream(s)", len(daemon.pumps))
+    await daemon.drain(DRAIN_SECONDS)
+    await daemon.stop()
+    return EXIT_OK
+
+
+def _run(main: Awaitable[int]) -> int:
+    try:
+        return asyncio.run(main)  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def exit_main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_exit_config(args)
+        settings = ExitSettings.from_config(cfg)
+    except ConfigError as exc:
+        print(f"relay-exit: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(cfg.log_format, cfg.log_level)
+    loop_name = use_uvloop(not cfg.no_uvloop)
+    log.info("relay-exit %s starting (%s)", __version__, loop_name)
+    daemon = RelayExit(settings)
+
+    def reload() -> None:
+        """SIGHUP: re-read keys and policy; a bad file keeps the old ones in force."""
+        notify("RELOADING=1")
+        try:
+            fresh = ExitSettings.from_config(load_exit_config(args))
+        except ConfigError as exc:
+            log.error("reload refused, old configuration stays: %s", exc)
+        else:
+            daemon.reload(fresh.keys, fresh.policy)
+        notify("READY=1")
+
+    return _run(_serve(daemon, reload))
+
+
+def worker_main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_worker_config(args)
+        settings = WorkerSettings.from_config(cfg)
+    except ConfigError as exc:
+        print(f"relay-worker: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(cfg.log_format, cfg.log_level)
+    loop_name = use_uvloop(not cfg.no_uvloop)
+    log.info("relay-worker %s starting (%s)", __version__, loop_name)
+    return _run(_serve(RelayWorker(settings), None))
+
+
+USAGE = """usage: relay COMMAND [ARGS...]
+
+commands:
+  demo      the whole chain on loopback, through an idle-killing middlebox
+  exit      run relay-exit (same as the relay-exit command)
+  worker    run relay-worker (same as the relay-worker command)
+  version   print the version
+"""
+
+
+def relay_main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return EXIT_OK if args else EXIT_USAGE
+    command, rest = args[0], args[1:]
+    if command == "exit":
+        return exit_main(rest)
+    if command == "worker":
+        return worker_main(rest)
+    if command == "demo":
+        from relay.demo import main as demo_main
+
+        return demo_main(rest)
+    if command in ("version", "--version"):
+        print(__version__)
+        return EXIT_OK
+    print(f"relay: error: unknown command {command!r}\n{USAGE}", end="", file=sys.stderr)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(relay_main())

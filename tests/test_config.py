@@ -1,0 +1,806 @@
+"""Configuration front ends (TOML file and flags) and secret-file readers, on real files."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from relay.config import (
+    EXIT_OPTIONS,
+    KINDS,
+    WORKER_OPTIONS,
+    ExitConfig,
+    HostPort,
+    LoginTarget,
+    Option,
+    WorkerConfig,
+    build_parser,
+    load_exit_config,
+    load_worker_config,
+    parse_hostport,
+    parse_login,
+    parse_size,
+)
+from relay.errors import ConfigError
+from relay.policy import Rule
+from relay.secrets import check_private, load_keys, load_secret, load_userpass
+
+SECRET = "Sup3r-S3cret-Value-0123456789"
+SECRET2 = "An0ther-S3cret-Value-987654321"
+PASSWORD = "pa55:w0rd with spaces"
+
+
+def write(path: Path, text: str | bytes, mode: int = 0o600) -> Path:
+    """Write a file and set its mode explicitly (umask must not decide the test)."""
+    if isinstance(text, str):
+        text = text.encode("utf-8")
+    path.write_bytes(text)
+    path.chmod(mode)
+    return path
+
+
+def raises(func: Callable[..., object], *args: object) -> str:
+    """Call and return the ConfigError message, checking it is one line."""
+    with pytest.raises(ConfigError) as info:
+        func(*args)
+    msg = str(info.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    return write(tmp_path / "exit.keys", f"# comment\n\nk1 {SECRET}\nk2 {SECRET2}  # second\n")
+
+
+@pytest.fixture
+def wfiles(tmp_path: Path) -> dict[str, Path]:
+    """The files a relay-worker needs, all private."""
+    return {
+        "ssh_key": write(tmp_path / "id_ed25519", "-----BEGIN OPENSSH PRIVATE KEY-----\n"),
+        "secret": write(tmp_path / "secret", SECRET + "\n"),
+        "auth": write(tmp_path / "socks.auth", f"glidein:{PASSWORD}\n"),
+        "known": write(tmp_path / "known_hosts", "login1 ssh-ed25519 AAAA\n", 0o644),
+    }
+
+
+def worker_argv(f: dict[str, Path], *extra: str) -> list[str]:
+    return [
+        "--no-socks-auth",
+        "--login",
+        "alice@login1.hpc.example",
+        "--ssh-key",
+        str(f["ssh_key"]),
+        "--exit",
+        "exit.example.org:80",
+        "--key-id",
+        "k1",
+        "--secret-file",
+        str(f["secret"]),
+        *extra,
+    ]
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@pytest.mark.parametrize(
+    ("options", "cls"), [(EXIT_OPTIONS, ExitConfig), (WORKER_OPTIONS, WorkerConfig)]
+)
+def test_schema_matches_dataclass(options: tuple[Option, ...], cls: type) -> None:
+    fields = [f.name for f in dataclasses.fields(cls)]
+    keys = [o.key for o in options if o.name != "config"]
+    assert fields == ["config_file", *keys]
+    assert options[0].name == "config"
+    assert len({o.name for o in options}) == len(options)
+    for o in options:
+        assert o.kind in KINDS
+        assert o.key == o.name.replace("-", "_")
+        assert o.help
+        if o.kind == "choice":
+            assert o.default in o.choices
+        if o.repeatable:
+            assert o.default == ()
+
+
+def test_exit_defaults(keys: Path) -> None:
+    cfg = load_exit_config(["--keys", str(keys)])
+    assert cfg.config_file is None
+    assert cfg.keys == keys
+    assert cfg.listen == HostPort("0.0.0.0", 80)
+    assert cfg.allow == ()
+    assert cfg.allow_plain is False
+    assert cfg.metrics is None
+    assert cfg.heartbeat == 25.0 and isinstance(cfg.heartbeat, float)
+    assert cfg.heartbeat_misses == 3
+    assert (cfg.handshake_timeout, cfg.connect_timeout) == (10.0, 10.0)
+    assert (cfg.max_streams, cfg.max_streams_per_key, cfg.max_handshakes) == (10000, 2000, 1000)
+    assert cfg.tcp_keepalive == 60.0
+    assert cfg.replay_buffer == 4 * 1024 * 1024
+    assert cfg.resume_timeout == 600.0
+    assert cfg.max_parked == 10000
+    assert (cfg.log_format, cfg.log_level, cfg.no_uvloop) == ("text", "info", False)
+
+
+def test_worker_defaults(wfiles: dict[str, Path]) -> None:
+    cfg = load_worker_config(worker_argv(wfiles))
+    assert cfg.socks == HostPort("127.0.0.1", 1080)
+    assert cfg.socks_auth is None and cfg.no_socks_auth is True
+    assert cfg.login == (LoginTarget("alice", "login1.hpc.example", 22),)
+    assert cfg.ssh_key == wfiles["ssh_key"]
+    assert cfg.known_hosts is None
+    assert cfg.exit == (HostPort("exit.example.org", 80),)
+    assert cfg.key_id == "k1"
+    assert cfg.secret_file == wfiles["secret"]
+    assert cfg.upstream is None and cfg.upstream_auth is None
+    assert (cfg.heartbeat, cfg.heartbeat_misses, cfg.ssh_keepalive) == (25.0, 3, 15.0)
+    assert (cfg.connect_timeout, cfg.tcp_keepalive) == (15.0, 60.0)
+    assert cfg.replay_buffer == 4 << 20
+    assert cfg.metrics is None
+    assert (cfg.log_format, cfg.log_level, cfg.no_uvloop) == ("text", "info", False)
+
+
+# --------------------------------------------------------------------------- TOML and flags
+
+
+def test_exit_toml_only(tmp_path: Path, keys: Path) -> None:
+    conf = write(
+        tmp_path / "exit.toml",
+        f"""
+[exit]
+listen = "[::]:8080"
+keys = "{keys.name}"          # relative to the config file
+allow = ["10.1.0.0/16:22-443", ".cern.ch:9618"]
+allow_plain = true
+metrics = "127.0.0.1:9100"
+heartbeat = 5
+heartbeat_misses = 4.0
+handshake_timeout = 2.5
+connect_timeout = 3
+max_streams = 10
+max_streams_per_key = 5
+max_handshakes = 7
+tcp_keepalive = 30
+replay_buffer = "512KiB"
+resume_timeout = 60
+max_parked = 0
+log_format = "json"
+log_level = "debug"
+no_uvloop = true
+""",
+        0o644,
+    )
+    cfg = load_exit_config(["--config", str(conf)])
+    assert cfg.config_file == conf
+    assert cfg.listen == HostPort("::", 8080)
+    assert cfg.keys == keys
+    assert [r.text for r in cfg.allow] == ["10.1.0.0/16:22-443", ".cern.ch:9618"]
+    assert all(isinstance(r, Rule) for r in cfg.allow)
+    assert cfg.allow_plain and cfg.no_uvloop
+    assert cfg.metrics == HostPort("127.0.0.1", 9100)
+    assert cfg.heartbeat == 5.0 and isinstance(cfg.heartbeat, float)
+    assert cfg.heartbeat_misses == 4 and isinstance(cfg.heartbeat_misses, int)
+    assert cfg.handshake_timeout == 2.5
+    assert cfg.connect_timeout == 3.0
+    assert (cfg.max_streams, cfg.max_streams_per_key, cfg.max_handshakes) == (10, 5, 7)
+    assert cfg.replay_buffer == 512 * 1024
+    assert cfg.max_parked == 0
+    assert (cfg.log_format, cfg.log_level) == ("json", "debug")
+
+
+def test_flags_override_toml_and_repeatable_replaces(tmp_path: Path, keys: Path) -> None:
+    conf = write(
+        tmp_path / "exit.toml",
+        f'[exit]\nkeys = "{keys}"\nallow = ["10.0.0.0/8"]\nheartbeat = 5\nlog_level = "error"\n',
+    )
+    cfg = load_exit_config(["--config", str(conf)])
+    assert [r.text for r in cfg.allow] == ["10.0.0.0/8"]
+    assert cfg.heartbeat == 5.0
+    cfg = load_exit_config(
+        [
+            "--config",
+            str(conf),
+            "--heartbeat=7.5",
+            "--allow",
+            "192.0.2.0/24:80",
+            "--allow",
+            ".example.org",
+            "--log-level",
+            "warning",
+        ]
+    )
+    assert [r.text for r in cfg.allow] == ["192.0.2.0/24:80", ".example.org"]
+    assert cfg.heartbeat == 7.5
+    assert cfg.log_level == "warning"
+
+
+def test_worker_toml_and_flags(tmp_path: Path, wfiles: dict[str, Path]) -> None:
+    conf = write(
+        tmp_path / "worker.toml",
+        f"""
+[worker]
+socks = "127.0.0.1:0"
+socks_auth = "{wfiles["auth"]}"
+login = ["login1", "bob@login2:2222", "[2001:db8::5]:22"]
+ssh_key = "{wfiles["ssh_key"]}"
+known_hosts = "{wfiles["known"]}"
+exit = ["exit1.example.org:80", "[2001:db8::1]:443"]
+key_id = "node-7.a_b"
+secret_file = "{wfiles["secret"]}"
+replay_buffer = 1048576
+ssh_keepalive = 10
+
+[exit]   # another daemon's table may share the file
+whatever = 1
+""",
+    )
+    cfg = load_worker_config(["--config", str(conf)])
+    assert cfg.socks == HostPort("127.0.0.1", 0)
+    assert cfg.socks_auth == wfiles["auth"] and not cfg.no_socks_auth
+    assert cfg.login == (
+        LoginTarget(None, "login1", 22),
+        LoginTarget("bob", "login2", 2222),
+        LoginTarget(None, "2001:db8::5", 22),
+    )
+    assert cfg.known_hosts == wfiles["known"]
+    assert cfg.exit == (HostPort("exit1.example.org", 80), HostPort("2001:db8::1", 443))
+    assert cfg.key_id == "node-7.a_b"
+    assert cfg.replay_buffer == 1 << 20
+    assert cfg.ssh_keepalive == 10.0
+
+    cfg = load_worker_config(
+        ["--config", str(conf), "--login", "carol@login9", "--exit", "e:1", "--exit", "f:2"]
+    )
+    assert cfg.login == (LoginTarget("carol", "login9", 22),)
+    assert cfg.exit == (HostPort("e", 1), HostPort("f", 2))
+
+    # A flag's choice beats the file's choice of the other half of the pair.
+    cfg = load_worker_config(["--config", str(conf), "--no-socks-auth"])
+    assert cfg.no_socks_auth and cfg.socks_auth is None
+
+
+def test_worker_upstream_without_login(wfiles: dict[str, Path]) -> None:
+    cfg = load_worker_config(
+        [
+            "--no-socks-auth",
+            "--upstream",
+            "socks5://dante.example.org:1080",
+            "--upstream-auth",
+            str(wfiles["auth"]),
+        ]
+    )
+    assert cfg.upstream == HostPort("dante.example.org", 1080)
+    assert cfg.upstream_auth == wfiles["auth"]
+    assert cfg.login == () and cfg.exit == ()
+    cfg = load_worker_config(
+        [
+            "--no-socks-auth",
+            "--upstream=socks5://[2001:db8::9]:1080/",
+            "--login",
+            "login1",
+            "--ssh-key",
+            str(wfiles["ssh_key"]),
+        ]
+    )
+    assert cfg.upstream == HostPort("2001:db8::9", 1080)
+
+
+def test_int_and_float_numbers(tmp_path: Path, keys: Path) -> None:
+    def load(body: str, *flags: str) -> ExitConfig:
+        conf = write(tmp_path / "n.toml", f'[exit]\nkeys = "{keys}"\n{body}\n')
+        return load_exit_config(["--config", str(conf), *flags])
+
+    assert load("heartbeat = 1").heartbeat == 1.0
+    assert load("heartbeat = 0.25").heartbeat == 0.25
+    assert load("max_streams = 2.0").max_streams == 2
+    assert load("", "--max-streams", "3.0").max_streams == 3
+    assert load("", "--heartbeat", "2").heartbeat == 2.0
+    assert "max_streams in" in raises(load, "max_streams = 2.5")
+    assert "--max-streams: must be a whole number" in raises(load, "", "--max-streams", "2.5")
+    assert "--heartbeat: must be a finite number" in raises(load, "", "--heartbeat", "nan")
+    assert "heartbeat in" in raises(load, "heartbeat = inf")
+    assert raises(load, "", "--heartbeat", "-1") == "--heartbeat: must be > 0 (got -1)"
+    assert raises(load, "", "--heartbeat", "0") == "--heartbeat: must be > 0 (got 0)"
+    assert raises(load, "", "--heartbeat-misses", "0") == "--heartbeat-misses: must be >= 1 (got 0)"
+    assert "expected a number, got string" in raises(load, 'heartbeat = "5"')
+    assert "expected a number, got boolean" in raises(load, "heartbeat = true")
+    assert raises(load, "", "--heartbeat", "soon") == "--heartbeat: expected a number (got 'soon')"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (4096, 4096),
+        ("4096", 4096),
+        ("4MiB", 4 << 20),
+        ("512KiB", 512 << 10),
+        ("1GiB", 1 << 30),
+        ("2 mib", 2 << 20),
+        ("10B", 10),
+        (8.0, 8),
+    ],
+)
+def test_parse_size(value: object, expected: int) -> None:
+    assert parse_size(value) == expected
+
+
+@pytest.mark.parametrize("value", ["4MB", "1.5MiB", "MiB", "-1", "", "4 MiB extra", 1.5])
+def test_parse_size_rejects(value: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(value)
+
+
+def test_size_errors(tmp_path: Path, keys: Path) -> None:
+    base = ["--keys", str(keys)]
+    msg = raises(load_exit_config, [*base, "--replay-buffer", "4MB"])
+    assert msg.startswith("--replay-buffer: ") and "'4MB'" in msg
+    assert "--replay-buffer: must be >= 1" in raises(
+        load_exit_config, [*base, "--replay-buffer", "0"]
+    )
+    conf = write(tmp_path / "s.toml", f'[exit]\nkeys = "{keys}"\nreplay_buffer = [1]\n')
+    assert f"replay_buffer in {conf}: expected an integer or a string" in raises(
+        load_exit_config, ["--config", str(conf)]
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0.0.0.0:80", HostPort("0.0.0.0", 80)),
+        ("[::1]:1080", HostPort("::1", 1080)),
+        ("exit.example.org:65535", HostPort("exit.example.org", 65535)),
+        ("exit.example.org.:1", HostPort("exit.example.org.", 1)),
+        ("localhost:8080", HostPort("localhost", 8080)),
+        ("under_score-host:9", HostPort("under_score-host", 9)),
+    ],
+)
+def test_parse_hostport(text: str, expected: HostPort) -> None:
+    assert parse_hostport(text) == expected
+    assert parse_hostport(str(expected)) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "host",
+        "host:",
+        ":80",
+        "host:0",
+        "host:65536",
+        "host:+80",
+        "host: 80",
+        "::1:80",
+        "[::1]",
+        "[::1]80",
+        "[host]:80",
+        "[::1:80",
+        "256.1.1.1:80",
+        "bad host:80",
+        "-bad.example:80",
+        "a..b:80",
+        "",
+    ],
+)
+def test_parse_hostport_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_hostport(text)
+
+
+def test_port_zero_only_where_allowed(keys: Path, wfiles: dict[str, Path]) -> None:
+    assert load_worker_config(worker_argv(wfiles, "--socks", "127.0.0.1:0")).socks.port == 0
+    msg = raises(load_exit_config, ["--keys", str(keys), "--listen", "0.0.0.0:0"])
+    assert msg == "--listen: bad address '0.0.0.0:0': port must be 1..65535"
+    msg = raises(load_worker_config, worker_argv(wfiles, "--exit", "e:0"))
+    assert msg.startswith("--exit: bad address 'e:0'")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("login1", LoginTarget(None, "login1", 22)),
+        ("alice@login1", LoginTarget("alice", "login1", 22)),
+        ("alice@login1:2222", LoginTarget("alice", "login1", 2222)),
+        ("a.b-c@[2001:db8::1]:22", LoginTarget("a.b-c", "2001:db8::1", 22)),
+        ("[2001:db8::1]", LoginTarget(None, "2001:db8::1", 22)),
+        ("2001:db8::1", LoginTarget(None, "2001:db8::1", 22)),
+        ("10.0.0.1:22", LoginTarget(None, "10.0.0.1", 22)),
+    ],
+)
+def test_parse_login(text: str, expected: LoginTarget) -> None:
+    assert parse_login(text) == expected
+    assert parse_login(str(expected)) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["", "@host", "alice@", "alice@host:", "alice@host:0", "al ice@host", "host:x"]
+)
+def test_parse_login_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_login(text)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("body", "expect"),
+    [
+        ("[exit]\nbogus = 1\n", "bogus in {conf}: unknown key in [exit]"),
+        ("[exit]\nheartbeet = 1\n", "did you mean heartbeat?"),
+        ("[exit]\nallow-plain = true\n", "TOML keys use '_': allow_plain"),
+        ("[exits]\nheartbeat = 1\n", "{conf}: unknown table [exits]"),
+        ("heartbeat = 1\n", "heartbeat in {conf}: keys belong in the [exit] table"),
+        ("exit = 1\n", "exit in {conf}: must be a table [exit]"),
+        ("[exit]\nconfig = 'x'\n", "config in {conf}: --config can only be given"),
+        ("[exit]\nheartbeat = 'x'\n", "heartbeat in {conf}: expected a number, got string"),
+        ("[exit]\nallow_plain = 1\n", "allow_plain in {conf}: expected true or false"),
+        ("[exit]\nallow = '10.0.0.0/8'\n", "allow in {conf}: expected an array"),
+        ("[exit]\nallow = [1]\n", "allow in {conf}: expected a string (rule), got integer"),
+        ("[exit]\nlisten = 80\n", "listen in {conf}: expected a string HOST:PORT, got integer"),
+        ("[exit]\nlisten = 'nohost'\n", "listen in {conf}: bad address 'nohost'"),
+        ("[exit]\nmetrics = '[::1'\n", "metrics in {conf}: bad address '[::1'"),
+        ("[exit]\nlog_format = 'xml'\n", "log_format in {conf}: must be one of text, json"),
+        ("[exit]\nheartbeat = -1\n", "heartbeat in {conf}: must be > 0 (got -1)"),
+        (
+            "[exit]\nallow = ['10.0.0.0/8', '10.0.0.0/33']\n",
+            "allow in {conf}: bad rule '10.0.0.0/33': ",
+        ),
+        ("[exit]\nmax_streams = 1979-05-27\n", "max_streams in {conf}: expected an integer"),
+        ("[exit]\n[exit.allow]\n", "allow in {conf}: expected an array"),
+        ("[worker]\nsocks = '127.0.0.1:1'\n", "{conf}: no [exit] table"),
+        ("[exit]\nheartbeat = \n", "{conf}: invalid TOML: "),
+        ("[exit]\nheartbeat = 1\nheartbeat = 2\n", "line 3"),
+        ("[exit]\nweird\\nkey = 1\n", "{conf}: invalid TOML"),
+        ('[exit]\n"we\\nird" = 1\n', "'we\\nird' in {conf}: unknown key"),
+    ],
+)
+def test_file_errors(tmp_path: Path, keys: Path, body: str, expect: str) -> None:
+    conf = write(tmp_path / "exit.toml", body)
+    msg = raises(load_exit_config, ["--config", str(conf), "--keys", str(keys)])
+    assert expect.format(conf=conf) in msg
+
+
+def test_toml_syntax_error_names_line(tmp_path: Path) -> None:
+    conf = write(tmp_path / "bad.toml", '[exit]\nlisten = "0.0.0.0:80"\nallow = [\n  "a",,\n]\n')
+    msg = raises(load_exit_config, ["--config", str(conf)])
+    assert str(conf) in msg and "line 4" in msg
+
+
+def test_toml_not_utf8(tmp_path: Path) -> None:
+    conf = write(tmp_path / "bad.toml", b"[exit]\n# \xff\n")
+    assert raises(load_exit_config, ["--config", str(conf)]) == f"{conf}: not valid UTF-8 (line 2)"
+
+
+@pytest.mark.parametrize(
+    ("flags", "expect"),
+    [
+        (["--listen", "nohost"], "--listen: bad address 'nohost': expected HOST:PORT"),
+        (["--allow", "10.0.0.0/33"], "--allow: bad rule '10.0.0.0/33': "),
+        (["--allow", ".ok.example", "--allow", "bad rule"], "--allow: bad rule 'bad rule'"),
+        (["--log-level", "trace"], "--log-level: must be one of debug, info, warning, error"),
+        (["--metrics", "[::1]:99999"], "--metrics: bad address '[::1]:99999'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--heart", "3"], "unrecognized arguments: --heart"),
+        (["--heartbeat"], "--heartbeat: expected one argument"),
+        (["stray"], "unrecognized arguments: stray"),
+        (["--allow-plain=yes"], "--allow-plain"),
+    ],
+)
+def test_flag_errors(keys: Path, flags: list[str], expect: str) -> None:
+    assert expect in raises(load_exit_config, ["--keys", str(keys), *flags])
+
+
+def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        load_worker_config(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--no-socks-auth" in out and "--replay-buffer SIZE" in out
+    help_text = build_parser("relay-exit", EXIT_OPTIONS).format_help()
+    assert "--allow RULE" in help_text and "(default: 4MiB)" in help_text
+
+
+def test_secret_file_mode(tmp_path: Path, wfiles: dict[str, Path]) -> None:
+    leaky = write(tmp_path / "leaky", SECRET, 0o644)
+    msg = raises(load_worker_config, worker_argv(wfiles, "--secret-file", str(leaky)))
+    assert msg == f"--secret-file: {leaky} is readable by others (chmod 600 {leaky})"
+    assert SECRET not in msg
+
+    conf = write(tmp_path / "exit.toml", f'[exit]\nkeys = "{leaky}"\n')
+    msg = raises(load_exit_config, ["--config", str(conf)])
+    assert msg == f"keys in {conf}: {leaky} is readable by others (chmod 600 {leaky})"
+
+    leaky.chmod(0o620)
+    assert "is writable by group" in raises(load_exit_config, ["--keys", str(leaky)])
+    leaky.chmod(0o640)
+    assert "is readable by group" in raises(load_exit_config, ["--keys", str(leaky)])
+    leaky.chmod(0o700)
+    load_exit_config(["--keys", str(leaky)])  # owner bits are the owner's business
+
+
+def test_missing_and_unreadable_files(tmp_path: Path, keys: Path, wfiles: dict[str, Path]) -> None:
+    missing = tmp_path / "nope"
+    assert raises(load_exit_config, ["--keys", str(missing)]) == (
+        f"--keys: cannot read {missing}: No such file or directory"
+    )
+    assert raises(load_exit_config, ["--config", str(missing)]).startswith(
+        f"--config: cannot read {missing}"
+    )
+    assert raises(load_exit_config, ["--keys", str(tmp_path)]) == (
+        f"--keys: {tmp_path} is not a regular file"
+    )
+    msg = raises(load_worker_config, worker_argv(wfiles, "--known-hosts", str(missing)))
+    assert msg.startswith(f"--known-hosts: cannot read {missing}")
+    msg = raises(load_worker_config, worker_argv(wfiles, "--known-hosts", str(tmp_path)))
+    assert msg.startswith(f"--known-hosts: cannot read {tmp_path}")
+    conf = write(tmp_path / "w.toml", '[worker]\nknown_hosts = "no/such/file"\n')
+    msg = raises(load_worker_config, ["--config", str(conf), *worker_argv(wfiles)])
+    assert msg.startswith(f"known_hosts in {conf}: cannot read {tmp_path / 'no/such/file'}")
+
+
+def test_path_through_a_file(tmp_path: Path, wfiles: dict[str, Path]) -> None:
+    """Unreadable even for root: a path that runs through a regular file."""
+    bad = wfiles["known"] / "child"
+    msg = raises(load_worker_config, worker_argv(wfiles, "--known-hosts", str(bad)))
+    assert msg == f"--known-hosts: cannot read {bad}: Not a directory"
+    assert raises(load_keys, bad) == f"--keys: cannot read {bad}: Not a directory"
+
+
+def test_permission_denied_becomes_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root ignores modes, so EACCES is injected to check its translation."""
+    path = write(tmp_path / "s", SECRET)
+
+    def denied(*args: object) -> int:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "open", denied)
+    assert raises(load_secret, path) == f"--secret-file: cannot read {path}: Permission denied"
+
+
+def test_exit_requires_keys(tmp_path: Path) -> None:
+    assert raises(load_exit_config, []).startswith("missing --keys (TOML keys)")
+    conf = write(tmp_path / "exit.toml", "[exit]\nheartbeat = 3\n")
+    assert raises(load_exit_config, ["--config", str(conf)]).startswith(
+        f"missing --keys (keys in {conf})"
+    )
+
+
+@pytest.mark.parametrize(
+    ("drop", "expect"),
+    [
+        ("--exit", "missing --exit"),
+        ("--key-id", "missing --key-id"),
+        ("--secret-file", "missing --secret-file"),
+        ("--ssh-key", "missing --ssh-key"),
+    ],
+)
+def test_worker_required(wfiles: dict[str, Path], drop: str, expect: str) -> None:
+    argv = worker_argv(wfiles)
+    i = argv.index(drop)
+    del argv[i : i + 2]
+    assert raises(load_worker_config, argv).startswith(expect)
+
+
+def test_worker_socks_auth_exactly_one(tmp_path: Path, wfiles: dict[str, Path]) -> None:
+    argv = worker_argv(wfiles)
+    argv.remove("--no-socks-auth")
+    msg = raises(load_worker_config, argv)
+    assert "--socks-auth" in msg and "--no-socks-auth" in msg and msg.startswith("missing")
+    msg = raises(
+        load_worker_config, [*argv, "--socks-auth", str(wfiles["auth"]), "--no-socks-auth"]
+    )
+    assert msg == "--socks-auth and --no-socks-auth are both set: give exactly one"
+    conf = write(
+        tmp_path / "w.toml",
+        f'[worker]\nsocks_auth = "{wfiles["auth"]}"\nno_socks_auth = true\n',
+    )
+    msg = raises(load_worker_config, ["--config", str(conf), *argv])
+    assert msg == (
+        f"socks_auth in {conf} and no_socks_auth in {conf} are both set: give exactly one"
+    )
+    assert load_worker_config([*argv, "--socks-auth", str(wfiles["auth"])]).socks_auth
+
+
+def test_worker_bad_values(wfiles: dict[str, Path]) -> None:
+    msg = raises(load_worker_config, worker_argv(wfiles, "--key-id", SECRET + " x"))
+    assert msg.startswith("--key-id: key id must be") and SECRET not in msg
+    msg = raises(load_worker_config, worker_argv(wfiles, "--login", "bad host"))
+    assert msg.startswith("--login: bad login 'bad host'")
+    msg = raises(load_worker_config, worker_argv(wfiles, "--upstream", "http://proxy:3128"))
+    assert msg.startswith("--upstream: expected socks5://HOST:PORT")
+    msg = raises(
+        load_worker_config, worker_argv(wfiles, "--upstream", f"socks5://u:{SECRET}@dante:1080")
+    )
+    assert msg.startswith("--upstream: credentials") and SECRET not in msg
+    msg = raises(load_worker_config, worker_argv(wfiles, "--upstream", "socks5://dante"))
+    assert msg.startswith("--upstream: bad address 'socks5://dante'")
+
+
+def test_secrets_never_in_messages(tmp_path: Path) -> None:
+    bad_files = {
+        "swapped": f"{SECRET}\n",
+        "three": f"k1 {SECRET} trailing\n",
+        "badid": f"{SECRET}! {SECRET2}\n",
+        "dup": f"k1 {SECRET}\nk1 {SECRET2}\n",
+    }
+    for name, body in bad_files.items():
+        path = write(tmp_path / name, body)
+        for func in (load_keys, load_secret, load_userpass):
+            try:
+                func(path)
+            except ConfigError as exc:
+                assert SECRET not in str(exc) and SECRET2 not in str(exc), (name, func)
+        conf = write(tmp_path / "exit.toml", f'[exit]\nkeys = "{path}"\nsecret = "{SECRET}"\n')
+        assert SECRET not in raises(load_exit_config, ["--config", str(conf)])
+    conf = write(tmp_path / "exit.toml", f'[exit]\nheartbeat = "{SECRET}"\n')
+    assert SECRET not in raises(load_exit_config, ["--config", str(conf)])
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def test_load_keys(keys: Path) -> None:
+    assert load_keys(keys) == {"k1": SECRET.encode(), "k2": SECRET2.encode()}
+    utf = write(keys.parent / "utf", "u\tsecret-with-ünïcode\n")
+    assert load_keys(utf) == {"u": "secret-with-ünïcode".encode()}
+
+
+@pytest.mark.parametrize(
+    ("body", "expect"),
+    [
+        (f"k1 {SECRET}\nk1 {SECRET2}\n", "line 2: duplicate key id 'k1' (first on line 1)"),
+        ("k1\n", "line 1: expected 'KEY_ID SECRET'"),
+        (f"# c\nk1 {SECRET} extra\n", "line 2: expected 'KEY_ID SECRET'"),
+        (f"k/1 {SECRET}\n", "line 1: key id must be"),
+        (f"{'k' * 65} {SECRET}\n", "line 1: key id must be"),
+        ("k1 short\n", "line 1: secret is shorter than 16 bytes (got 5)"),
+        ("# only comments\n\n", "holds no 'KEY_ID SECRET' line"),
+        (b"k1 \xff" + b"x" * 20 + b"\n", "line 1: not valid UTF-8"),
+    ],
+)
+def test_load_keys_rejects(tmp_path: Path, body: str | bytes, expect: str) -> None:
+    path = write(tmp_path / "keys", body)
+    msg = raises(load_keys, path)
+    assert msg.startswith(f"--keys: {path}") and expect in msg
+    assert SECRET not in msg and SECRET2 not in msg
+
+
+def test_load_keys_checks_privacy_first(tmp_path: Path) -> None:
+    path = write(tmp_path / "keys", "garbage\n", 0o604)
+    assert raises(load_keys, path, "keys in x.toml") == (
+        f"keys in x.toml: {path} is readable by others (chmod 600 {path})"
+    )
+    assert raises(load_keys, tmp_path / "missing").startswith("--keys: cannot read")
+
+
+def test_load_secret(tmp_path: Path) -> None:
+    path = write(tmp_path / "s", f"\n  {SECRET}\r\n\n")
+    assert load_secret(path) == SECRET.encode()
+    for body, expect in [
+        ("short\n", "shorter than 16 bytes (got 5)"),
+        (f"k1 {SECRET}\n", "contains whitespace"),
+        ("", "shorter than 16 bytes (got 0)"),
+    ]:
+        write(path, body)
+        msg = raises(load_secret, path)
+        assert msg.startswith(f"--secret-file: {path}") and expect in msg and SECRET not in msg
+    path.chmod(0o644)
+    assert "readable by others" in raises(load_secret, path)
+
+
+def test_load_userpass(tmp_path: Path) -> None:
+    path = write(tmp_path / "auth", f"glidein:{PASSWORD}\n")
+    assert load_userpass(path) == ("glidein", PASSWORD)
+    write(path, "ü:" + "p" * 255)
+    assert load_userpass(path, "--upstream-auth") == ("ü", "p" * 255)
+    for body, expect in [
+        ("", "is empty"),
+        ("\n", "is empty"),
+        (f"nocolon{SECRET}\n", "no ':' found"),
+        (f":{SECRET}\n", "user must be 1..255 bytes (got 0)"),
+        ("user:\n", "password must be 1..255 bytes (got 0)"),
+        (f"user:{'p' * 256}\n", "password must be 1..255 bytes (got 256)"),
+        (f"{'ü' * 128}:{SECRET}", "user must be 1..255 bytes (got 256)"),
+        (f"a:{SECRET}\nb:{SECRET2}\n", "exactly one line"),
+    ]:
+        write(path, body)
+        msg = raises(load_userpass, path, "--upstream-auth")
+        assert msg.startswith(f"--upstream-auth: {path}") and expect in msg
+        assert SECRET not in msg and SECRET2 not in msg
+
+
+def test_check_private(tmp_path: Path) -> None:
+    path = write(tmp_path / "p", "x", 0o600)
+    check_private(path, "--x")
+    path.chmod(0o601)
+    assert raises(check_private, path, "--x") == (
+        f"--x: {path} is accessible by others (chmod 600 {path})"
+    )
+    os.mkfifo(tmp_path / "fifo", 0o600)
+    assert "is not a regular file" in raises(check_private, tmp_path / "fifo", "--x")
+    assert "is not a regular file" in raises(load_secret, tmp_path / "fifo")  # does not block
+    link = tmp_path / "link"
+    link.symlink_to(path)
+    path.chmod(0o600)
+    check_private(link, "--x")  # the target's mode is what matters
+
+
+# --------------------------------------------------------------------------- properties
+
+_KEY_NAMES = [o.key for o in (*EXIT_OPTIONS, *WORKER_OPTIONS)] + ["bogus", "allow-plain"]
+_VALUES = [
+    "1",
+    "-1",
+    "0",
+    "2.5",
+    "1e400",
+    "nan",
+    "true",
+    '""',
+    '"x"',
+    '"0.0.0.0:80"',
+    '"[::1]:0"',
+    '"4MiB"',
+    '"10.0.0.0/33"',
+    '".example.org:443"',
+    '"socks5://h:1"',
+    '"socks5://u:p@h:1"',
+    '"/dev/null"',
+    '"."',
+    '"~nosuchuser/x"',
+    '"\\u0000"',
+    "[]",
+    '["a", 1]',
+    '["10.0.0.0/8", ".x.org"]',
+    "{}",
+    "{ a = 1 }",
+    "1979-05-27",
+    "[[1]]",
+]
+_LINES = st.one_of(
+    st.sampled_from(["[exit]", "[worker]", "[other]", "[exit.allow]", "[[exit]]", ""]),
+    st.builds(lambda k, v: f"{k} = {v}", st.sampled_from(_KEY_NAMES), st.sampled_from(_VALUES)),
+    st.text(max_size=20),
+)
+
+
+def _only_config_errors(tmp: pytest.TempPathFactory, data: bytes) -> None:
+    conf = tmp.getbasetemp() / "fuzz.toml"
+    conf.write_bytes(data)
+    for load in (load_exit_config, load_worker_config):
+        try:
+            load(["--config", str(conf)])
+        except ConfigError as exc:
+            assert "\n" not in str(exc)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text())
+def test_arbitrary_text_only_config_error(
+    tmp_path_factory: pytest.TempPathFactory, text: str
+) -> None:
+    _only_config_errors(tmp_path_factory, text.encode("utf-8"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary())
+def test_arbitrary_bytes_only_config_error(
+    tmp_path_factory: pytest.TempPathFactory, data: bytes
+) -> None:
+    _only_config_errors(tmp_path_factory, data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_LINES, max_size=12))
+def test_toml_shaped_text_only_config_error(
+    tmp_path_factory: pytest.TempPathFactory, lines: list[str]
+) -> None:
+    _only_config_errors(tmp_path_factory, "\n".join(lines).encode("utf-8"))

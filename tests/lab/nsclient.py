@@ -17,6 +17,10 @@ Modes (each result is one JSON line on stdout, exit status 0 unless the argument
       then send another line and wait at most --timeout seconds for its echo. Prints
       {"connected", "first", "heartbeats_sent", "heartbeats_ok", "after_idle", "error",
        "elapsed"}; e.g. {"first": true, "after_idle": false, "error": "timeout"}.
+      --socks URL (socks5://USER:PASS@HOST:PORT) connects through a SOCKS5 proxy with
+      python-socks instead of directly. --until-closed replaces the last exchange: wait at
+      most --timeout seconds for the peer to end the connection and report how
+      ("closed": "eof" | "reset" | "open", "closed_after": seconds).
 """
 
 from __future__ import annotations
@@ -122,7 +126,14 @@ def client(args: argparse.Namespace) -> int:
 
     step = "connect"
     try:
-        sock = socket.create_connection((args.host, args.port), timeout=args.connect_timeout)
+        if args.socks:
+            from python_socks.sync import Proxy
+
+            sock = Proxy.from_url(args.socks).connect(
+                args.host, args.port, timeout=args.connect_timeout
+            )
+        else:
+            sock = socket.create_connection((args.host, args.port), timeout=args.connect_timeout)
         with sock:
             result["connected"] = True
             if args.keepalive:
@@ -143,8 +154,12 @@ def client(args: argparse.Namespace) -> int:
                     if exchange(lines, sock, f"hb {n}".encode(), args.timeout):
                         result["heartbeats_ok"] += 1
                 time.sleep(max(0.0, idle_end - time.monotonic()))
-            step = "after_idle"
-            result["after_idle"] = exchange(lines, sock, b"after idle", args.timeout)
+            if args.until_closed:
+                step = "until_closed"
+                result.update(_until_closed(sock, args.timeout))
+            else:
+                step = "after_idle"
+                result["after_idle"] = exchange(lines, sock, b"after idle", args.timeout)
     except socket.timeout:
         result["error"] = "timeout" if step == "after_idle" else f"timeout during {step}"
     except OSError as exc:
@@ -152,6 +167,24 @@ def client(args: argparse.Namespace) -> int:
     result["elapsed"] = round(time.monotonic() - start, 3)
     _emit(result)
     return 0
+
+
+def _until_closed(sock: socket.socket, timeout: float) -> dict[str, Any]:
+    """Block until the peer ends the connection (or the timeout): how did it end?"""
+    start = time.monotonic()
+    sock.settimeout(timeout)
+    how = "open"
+    try:
+        while sock.recv(65536):
+            pass
+        how = "eof"
+    except socket.timeout:
+        how = "open"
+    except ConnectionResetError:
+        how = "reset"
+    except OSError as exc:
+        how = f"{type(exc).__name__}"
+    return {"closed": how, "closed_after": round(time.monotonic() - start, 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connect-timeout", type=float, default=3.0)
     p.add_argument("--keepalive", type=float, default=0.0, help="TCP keepalive interval")
     p.add_argument("--wait-stdin", action="store_true", help="idle until a line on stdin")
+    p.add_argument("--socks", default="", help="socks5://USER:PASS@HOST:PORT to connect through")
+    p.add_argument("--until-closed", action="store_true", help="wait for the peer to close")
     args = parser.parse_args(argv)
     if args.mode == "echo-server":
         return echo_server(args.host, args.port)

@@ -175,6 +175,7 @@ class TunnelPump:
         self._plain_eof_seen = False
         self._plain_eof_written = False
         self._held: list[bytes] = []
+        self._replay_reported = 0
         self._timer: Optional[asyncio.TimerHandle] = None
         self._sent_unflushed = 0
         self._recv_unflushed = 0
@@ -197,7 +198,7 @@ class TunnelPump:
 
     def attach_carrier(self, carrier: Any, early: bytes = b"") -> None:
         """Start (or, after a resume, continue) the data phase on ``carrier``."""
-        self.carrier = carrier
+        self._set_carrier(carrier)
         self._carrier_reading.target = carrier
         self._carrier_reading.reasons.clear()
         held, self._held = self._held, []
@@ -290,9 +291,12 @@ class TunnelPump:
 
     def carrier_lost(self, why: str) -> None:
         """The carrier closed or failed; clean if the stream already finished, else a loss."""
-        if self.done is not None:
+        if self.done is not None or self.carrier is None:
             return
-        self.carrier = None
+        self._set_carrier(None)
+        self._carrier_gone(why)
+
+    def _carrier_gone(self, why: str) -> None:
         self._cancel_timer()
         if self.stream.finished:
             self._finish(OK, "")
@@ -326,13 +330,9 @@ class TunnelPump:
         self._flush_counters()
         now = self.loop.time()
         if self.stream.is_dead(now):
-            carrier = self.carrier
+            silent = now - self.stream.last_recv
             self._close_carrier(abort=True)
-            log.debug(
-                "stream %s: no frame for %.1fs", self.info.stream_id, now - self.stream.last_recv
-            )
-            self.carrier = carrier
-            self.carrier_lost("heartbeat timeout")
+            self._carrier_gone(f"no frame for {silent:.1f}s (heartbeat timeout)")
             return
         out = self.stream.poll(now)
         if out:
@@ -359,8 +359,14 @@ class TunnelPump:
                 self.carrier.write(self.stream.send_reset(code, reason))
             self._close_carrier()
 
+    def _set_carrier(self, carrier: Any) -> None:
+        if (carrier is None) != (self.carrier is None):
+            self.metrics.carriers_active.inc(1 if carrier is not None else -1)
+        self.carrier = carrier
+
     def _close_carrier(self, abort: bool = False) -> None:
-        carrier, self.carrier = self.carrier, None
+        carrier = self.carrier
+        self._set_carrier(None)
         if carrier is not None:
             with contextlib.suppress(OSError, RuntimeError):
                 carrier.abort() if abort else carrier.close()
@@ -373,6 +379,10 @@ class TunnelPump:
             self._finish(SHUTDOWN, reason)
 
     def _flush_counters(self) -> None:
+        replay = 0 if self.done is not None else self.stream.replay_bytes
+        if replay != self._replay_reported:
+            self.metrics.replay_bytes.inc(replay - self._replay_reported)
+            self._replay_reported = replay
         sent, recv = self._sent_unflushed, self._recv_unflushed
         self._sent_unflushed = self._recv_unflushed = 0
         up, down = (sent, recv) if self._up_from_plain else (recv, sent)

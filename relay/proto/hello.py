@@ -189,15 +189,16 @@ class ReplayGuard:
         self.window_ms = int(window_s * 1000)
         self.max_entries = max_entries
         self._seen: dict[bytes, int] = {}
+        self._next_expire = 0
 
     def check(self, timestamp_ms: int, nonce: bytes, now_ms: int) -> int:
-        """Return OK, CLOCK_SKEW or REPLAY; records the nonce when OK."""
+        """Return OK, CLOCK_SKEW or REPLAY (FAILURE when full); records the nonce when OK."""
         if abs(timestamp_ms - now_ms) > self.window_ms:
             return CLOCK_SKEW
         if nonce in self._seen:
             return REPLAY
-        if len(self._seen) >= self.max_entries:
-            self.expire(now_ms)
+        if now_ms >= self._next_expire or len(self._seen) >= self.max_entries:
+            self.expire(now_ms)  # at most once a window unless full: amortised O(1)
             if len(self._seen) >= self.max_entries:
                 return FAILURE
         self._seen[nonce] = timestamp_ms
@@ -208,6 +209,7 @@ class ReplayGuard:
         stale = [n for n, ts in self._seen.items() if ts < horizon]
         for n in stale:
             del self._seen[n]
+        self._next_expire = now_ms + self.window_ms
 
     def __len__(self) -> int:
         return len(self._seen)

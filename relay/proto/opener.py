@@ -73,6 +73,11 @@ class TunnelOpener:
         self._hello_mac = self._hello[-hl.MAC_SIZE :]
         self._destination = destination
         self._client = s5.Socks5Client({hl.METHOD_TUNNEL: hl.decode_reply})
+        # A resume ends with the HELLO reply, and the exit's replayed data may follow it in
+        # the same read: only the method choice and the reply go to the SOCKS5 client, which
+        # would otherwise try to parse the data as a CONNECT reply.
+        self._answer_left = 2 + hl.REPLY_SIZE if self._resume else -1
+        self._after = b""
         self.established: Optional[Established] = None
 
     def first_flight(self) -> bytes:
@@ -84,6 +89,10 @@ class TunnelOpener:
 
     def receive(self, data: bytes) -> list[OpenerEvent]:
         out: list[OpenerEvent] = []
+        if self._answer_left >= 0:
+            self._after += data[self._answer_left :]
+            data = data[: self._answer_left]
+            self._answer_left -= len(data)
         for event in self._client.receive(data):
             if isinstance(event, s5.MethodSelected):
                 if event.method != hl.METHOD_TUNNEL:
@@ -123,4 +132,6 @@ class TunnelOpener:
 
     def trailing(self) -> bytes:
         """Bytes after the handshake: the start of the data phase."""
-        return self._client.trailing()
+        data = self._client.trailing() + self._after
+        self._after = b""
+        return data

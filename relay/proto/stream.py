@@ -66,6 +66,7 @@ class TunnelStream:
         self._decoder = fr.FrameDecoder()
         self.last_send = now
         self.last_recv = now
+        self._peer_pings = False
 
     # -- outbound -------------------------------------------------------------------------
     @property
@@ -128,6 +129,7 @@ class TunnelStream:
                 self._on_ack(frame, events)
             elif type(frame) is fr.Ping:
                 reply += fr.encode_pong(frame.token)
+                self._peer_pings = True
             elif type(frame) is fr.Pong:
                 rtt = now - frame.token / 1e6
                 if 0 <= rtt < 3600:
@@ -187,7 +189,13 @@ class TunnelStream:
     @property
     def deadline(self) -> float:
         """When :meth:`poll` next has something to do."""
-        return min(self.last_send + self.heartbeat, self.last_recv + self.heartbeat * self.misses)
+        return min(self.last_send + self._ping_after, self.last_recv + self.heartbeat * self.misses)
+
+    @property
+    def _ping_after(self) -> float:
+        # While the peer drives the heartbeat our PONGs keep the carrier busy; waiting a bit
+        # longer than the peer's interval stops both ends from pinging in the same instant.
+        return self.heartbeat * 1.5 if self._peer_pings else self.heartbeat
 
     def is_dead(self, now: float) -> bool:
         """No frame for ``heartbeat * misses``: the carrier is gone even if TCP has not noticed."""
@@ -195,7 +203,7 @@ class TunnelStream:
 
     def poll(self, now: float) -> bytes:
         """Heartbeat duty: PING (plus a pending ACK) when nothing was sent for an interval."""
-        if now - self.last_send < self.heartbeat:
+        if now - self.last_send < self._ping_after:
             return b""
         out = b""
         if self.recv_offset != self.ack_sent_offset or (
@@ -203,6 +211,7 @@ class TunnelStream:
         ):
             out += self._ack()
         out += fr.encode_ping(int(now * 1e6))
+        self._peer_pings = False
         self.last_send = now
         return out
 

@@ -148,7 +148,6 @@ class ExitConnection(PlainProtocol):
         self.key_id = ""
         self.heartbeat_ms = 0
         self.in_handshake = True
-        self.closed = False
         self.started = 0.0
         self._timer: Optional[asyncio.TimerHandle] = None
         self._task: Optional[asyncio.Future[None]] = None

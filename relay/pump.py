@@ -47,6 +47,7 @@ class PlainProtocol(asyncio.Protocol):
     def __init__(self, pump: Optional[Any] = None) -> None:
         self.pump = pump
         self.transport: Optional[asyncio.Transport] = None
+        self.closed = False
         self._early: list[bytes] = []
         self._early_eof = False
         self._early_lost: Optional[tuple[Optional[Exception]]] = None
@@ -81,6 +82,7 @@ class PlainProtocol(asyncio.Protocol):
         return self.pump.plain_eof()
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.closed = True
         if self.pump is None:
             self._early_lost = (exc,)
             return

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import asyncssh
 from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
@@ -86,6 +85,10 @@ class WorkerSettings:
             metrics_host=cfg.metrics.host if cfg.metrics else None,
             metrics_port=cfg.metrics.port if cfg.metrics else 0,
         )
+
+
+ReplyFn = Callable[[int, str, int], None]
+"""Answers the local client: (SOCKS5 reply code, bound host, bound port)."""
 
 
 class OpenFailed(Exception):
@@ -225,6 +228,94 @@ class RelayWorker(Daemon):
             self._forward = (conn, listener)
         return int(self._forward[1].get_port())
 
+    # -- relaying one client stream ------------------------------------------------------
+    async def relay(self, client: PlainProtocol, host: str, port: int, reply: ReplyFn) -> None:
+        """Open a stream to ``host:port`` for an accepted local client and pump it.
+
+        ``reply(code, bound_host, bound_port)`` answers the client in its own protocol
+        (SOCKS5 reply, HTTP status line, nothing for a static forward); a non-zero code means
+        the stream failed and the client is to be closed.
+        """
+        started = time.monotonic()
+        info = StreamInfo(os.urandom(4).hex(), format_hostport(host, port), self.settings.key_id)
+        try:
+            if self.settings.upstream is not None:
+                sock = await asyncio.wait_for(
+                    self.open_upstream(host, port), self.settings.connect_timeout + 5
+                )
+                await self._start_raw(client, sock, info, reply)
+            else:
+                await self._start_tunnel(client, host, port, info, reply)
+            self.metrics.handshake.observe(time.monotonic() - started)
+        except OpenFailed as exc:
+            self._refused(client, info, exc.code, str(exc), reply)
+        except asyncio.TimeoutError:
+            self._refused(client, info, s5.GENERAL_FAILURE, "timed out opening the stream", reply)
+        except Exception as exc:
+            log.exception("stream set-up failed")
+            self._refused(client, info, s5.GENERAL_FAILURE, f"internal error: {exc}", reply)
+
+    def _refused(
+        self, client: PlainProtocol, info: StreamInfo, code: int, why: str, reply: ReplyFn
+    ) -> None:
+        self.metrics.streams.labels("refused").inc()
+        log.info(
+            "stream refused",
+            extra={
+                "fields": {
+                    "stream": info.stream_id,
+                    "dest": info.destination,
+                    "reply": s5.REPLY_NAMES.get(code, code),
+                    "reason": why,
+                }
+            },
+        )
+        if not client.closed:
+            reply(code, "0.0.0.0", 0)
+
+    async def _start_tunnel(
+        self, client: PlainProtocol, host: str, port: int, info: StreamInfo, reply: ReplyFn
+    ) -> None:
+        s = self.settings
+        carrier, opened = await asyncio.wait_for(
+            self.open_carrier(host, port), s.connect_timeout + 5
+        )
+        connected = opened.connected
+        assert connected is not None
+        if connected.code != s5.SUCCEEDED or client.closed:
+            carrier.link.close()
+            if client.closed:
+                return
+            raise OpenFailed(connected.code, "exit: " + s5.REPLY_NAMES.get(connected.code, "?"))
+        reply(s5.SUCCEEDED, connected.host, connected.port)
+        loop = asyncio.get_running_loop()
+        stream = TunnelStream(
+            heartbeat=opened.established.heartbeat_ms / 1000,
+            now=loop.time(),
+            misses=s.heartbeat_misses,
+            replay_limit=s.replay_buffer,
+        )
+        pump = TunnelPump(
+            stream, info, self.metrics, plain_is_client=True, on_done=self.stream_done
+        )
+        self.pumps.add(pump)
+        pump.attach_plain(client)
+        carrier.attach(pump)
+
+    async def _start_raw(
+        self, client: PlainProtocol, sock: Any, info: StreamInfo, reply: ReplyFn
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        transport, upstream = await loop.create_connection(PlainProtocol, sock=sock)
+        if client.closed:
+            transport.close()
+            return
+        reply(s5.SUCCEEDED, "0.0.0.0", 0)
+        raw = RawPump(info, self.metrics, on_done=self.stream_done)
+        self.pumps.add(raw)
+        set_keepalive(transport_socket(transport), self.settings.tcp_keepalive)
+        raw.attach(client, upstream)
+
 
 class LocalConnection(PlainProtocol):
     """One local client: SOCKS5 with RFC 1929 credentials, then one relayed stream."""
@@ -235,7 +326,6 @@ class LocalConnection(PlainProtocol):
         self.metrics = worker.metrics
         self.socks = s5.Socks5Server()
         self.in_handshake = True
-        self.closed = False
         self._timer: Optional[asyncio.TimerHandle] = None
         self._task: Optional[asyncio.Future[None]] = None
 
@@ -326,96 +416,18 @@ class LocalConnection(PlainProtocol):
                 self._close(self.socks.reply(s5.COMMAND_NOT_SUPPORTED))
                 return False
             self.transport.pause_reading()
-            self._task = asyncio.ensure_future(self._open(event))
+            self.in_handshake = False
+            self._early.append(self.socks.trailing())
+            self._cancel_timer()
+            self._task = asyncio.ensure_future(
+                self.worker.relay(self, event.host, event.port, self._reply)
+            )
             return False
         return False
 
-    async def _open(self, request: s5.Request) -> None:
-        worker = self.worker
-        started = time.monotonic()
-        self.in_handshake = False
-        self._early.append(self.socks.trailing())
-        dest = (
-            f"[{request.host}]:{request.port}"
-            if ":" in request.host
-            else (f"{request.host}:{request.port}")
-        )
-        info = StreamInfo(os.urandom(4).hex(), dest, worker.settings.key_id)
-        try:
-            if worker.settings.upstream is not None:
-                sock = await asyncio.wait_for(
-                    worker.open_upstream(request.host, request.port),
-                    worker.settings.connect_timeout + 5,
-                )
-                await self._start_raw(sock, info)
-            else:
-                await self._start_tunnel(request, info)
-            worker.metrics.handshake.observe(time.monotonic() - started)
-        except OpenFailed as exc:
-            self._refused(info, exc.code, str(exc))
-        except asyncio.TimeoutError:
-            self._refused(info, s5.GENERAL_FAILURE, "timed out opening the stream")
-        except Exception as exc:
-            log.exception("stream set-up failed")
-            self._refused(info, s5.GENERAL_FAILURE, f"internal error: {exc}")
-
-    def _refused(self, info: StreamInfo, code: int, why: str) -> None:
-        self.metrics.streams.labels("refused").inc()
-        log.info(
-            "stream refused",
-            extra={
-                "fields": {
-                    "stream": info.stream_id,
-                    "dest": info.destination,
-                    "reply": s5.REPLY_NAMES.get(code, code),
-                    "reason": why,
-                }
-            },
-        )
-        if not self.closed:
-            self._close(self.socks.reply(code))
-
-    async def _start_tunnel(self, request: s5.Request, info: StreamInfo) -> None:
-        worker = self.worker
-        s = worker.settings
-        carrier, opened = await asyncio.wait_for(
-            worker.open_carrier(request.host, request.port), s.connect_timeout + 5
-        )
-        connected = opened.connected
-        assert connected is not None
-        if connected.code != s5.SUCCEEDED or self.closed:
-            carrier.link.close()
-            if self.closed:
-                return
-            raise OpenFailed(connected.code, "exit: " + s5.REPLY_NAMES.get(connected.code, "?"))
-        assert self.transport is not None
-        self._cancel_timer()
-        self.transport.write(self.socks.reply(s5.SUCCEEDED, connected.host, connected.port))
-        loop = asyncio.get_running_loop()
-        stream = TunnelStream(
-            heartbeat=opened.established.heartbeat_ms / 1000,
-            now=loop.time(),
-            misses=s.heartbeat_misses,
-            replay_limit=s.replay_buffer,
-        )
-        pump = TunnelPump(
-            stream, info, self.metrics, plain_is_client=True, on_done=worker.stream_done
-        )
-        worker.pumps.add(pump)
-        pump.attach_plain(self)
-        carrier.attach(pump)
-
-    async def _start_raw(self, sock: Any, info: StreamInfo) -> None:
-        loop = asyncio.get_running_loop()
-        transport, upstream = await loop.create_connection(PlainProtocol, sock=sock)
-        if self.closed:
-            transport.close()
+    def _reply(self, code: int, host: str, port: int) -> None:
+        if self.transport is None or self.closed:
             return
-        assert self.transport is not None
-        self._cancel_timer()
-        self.transport.write(self.socks.reply(s5.SUCCEEDED))
-        raw = RawPump(info, self.metrics, on_done=self.worker.stream_done)
-        self.worker.pumps.add(raw)
-        with contextlib.suppress(AttributeError):
-            set_keepalive(transport_socket(transport), self.worker.settings.tcp_keepalive)
-        raw.attach(self, upstream)
+        self.transport.write(self.socks.reply(code, host, port))
+        if code != s5.SUCCEEDED:
+            self.transport.close()

@@ -467,6 +467,7 @@ class ExitConnection(PlainProtocol):
                 now=loop.time(),
                 misses=settings.heartbeat_misses,
                 replay_limit=settings.replay_buffer,
+                leads_heartbeat=False,
             )
             pump = TunnelPump(
                 stream, info, self.metrics, plain_is_client=False, on_done=relay_exit.stream_done

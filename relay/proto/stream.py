@@ -43,6 +43,7 @@ class TunnelStream:
         misses: int = 3,
         replay_limit: int = 4 * 1024 * 1024,
         ack_every: int | None = None,
+        leads_heartbeat: bool = True,
     ) -> None:
         if heartbeat <= 0 or misses < 1 or replay_limit < fr.MAX_DATA:
             raise ValueError("heartbeat > 0, misses >= 1, replay_limit >= MAX_DATA")
@@ -66,6 +67,8 @@ class TunnelStream:
         self._decoder = fr.FrameDecoder()
         self.last_send = now
         self.last_recv = now
+        self.leads_heartbeat = leads_heartbeat
+        """The worker leads; the exit only pings when the worker's PINGs stop coming."""
         self._peer_pings = False
 
     # -- outbound -------------------------------------------------------------------------
@@ -129,7 +132,7 @@ class TunnelStream:
                 self._on_ack(frame, events)
             elif type(frame) is fr.Ping:
                 reply += fr.encode_pong(frame.token)
-                self._peer_pings = True
+                self._peer_pings = not self.leads_heartbeat
             elif type(frame) is fr.Pong:
                 rtt = now - frame.token / 1e6
                 if 0 <= rtt < 3600:
@@ -193,8 +196,8 @@ class TunnelStream:
 
     @property
     def _ping_after(self) -> float:
-        # While the peer drives the heartbeat our PONGs keep the carrier busy; waiting a bit
-        # longer than the peer's interval stops both ends from pinging in the same instant.
+        # While the leading peer's PINGs arrive, our PONGs keep the carrier busy; waiting a
+        # bit longer than its interval stops both ends from pinging in the same instant.
         return self.heartbeat * 1.5 if self._peer_pings else self.heartbeat
 
     def is_dead(self, now: float) -> bool:

@@ -39,6 +39,7 @@ __all__ = [
     "KINDS",
     "WORKER_OPTIONS",
     "ExitConfig",
+    "ForwardTarget",
     "HostPort",
     "LoginTarget",
     "Option",
@@ -46,6 +47,7 @@ __all__ = [
     "build_parser",
     "load_exit_config",
     "load_worker_config",
+    "parse_forward",
     "parse_hostport",
     "parse_login",
     "parse_size",
@@ -94,6 +96,16 @@ class LoginTarget(NamedTuple):
         host = f"[{self.host}]" if ":" in self.host else self.host
         port = f":{self.port}" if self.port != 22 else ""
         return f"{user}{host}{port}"
+
+
+class ForwardTarget(NamedTuple):
+    """A static forward ``LOCALHOST:PORT=DESTHOST:PORT``."""
+
+    listen: HostPort
+    dest: HostPort
+
+    def __str__(self) -> str:
+        return f"{self.listen}={self.dest}"
 
 
 @dataclass(frozen=True)
@@ -286,6 +298,23 @@ WORKER_OPTIONS: tuple[Option, ...] = (
         "let local SOCKS5 clients in without a password (instead of --socks-auth)",
     ),
     Option(
+        "http",
+        "hostport",
+        None,
+        "HOST:PORT of a local HTTP CONNECT proxy listener, with Basic proxy authentication by"
+        " the --socks-auth credentials; port 0 picks a free port (default: off)",
+        min=0,
+    ),
+    Option(
+        "forward",
+        "str",
+        (),
+        "static forward LOCALHOST:PORT=DESTHOST:PORT: connections to the local (loopback)"
+        " port are carried to the destination, for programs that cannot use a proxy",
+        metavar="LOCAL:PORT=DEST:PORT",
+        repeatable=True,
+    ),
+    Option(
         "login",
         "login",
         (),
@@ -391,6 +420,8 @@ class WorkerConfig:
     socks: HostPort
     socks_auth: Path | None
     no_socks_auth: bool
+    http: HostPort | None
+    forward: tuple[ForwardTarget, ...]
     login: tuple[LoginTarget, ...]
     ssh_key: Path | None
     known_hosts: Path | None
@@ -483,6 +514,25 @@ def parse_hostport(text: str, min_port: int = 1) -> HostPort:
     if problem:
         raise ValueError(problem)
     return HostPort(host, _parse_port(port, min_port))
+
+
+def parse_forward(text: str) -> ForwardTarget:
+    """Parse ``LOCALHOST:PORT=DESTHOST:PORT``; the local side must be a loopback address.
+
+    A static forward has no password, so it must not be reachable from other machines.
+    """
+    listen_text, sep, dest_text = text.partition("=")
+    if not sep or "=" in dest_text:
+        raise ValueError("expected LOCALHOST:PORT=DESTHOST:PORT")
+    listen = parse_hostport(listen_text)
+    if listen.host != "localhost":
+        try:
+            loopback = ipaddress.ip_address(listen.host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(f"local side {listen} must be a loopback address")
+    return ForwardTarget(listen, parse_hostport(dest_text))
 
 
 def parse_login(text: str) -> LoginTarget:
@@ -709,6 +759,11 @@ def _convert_str(opt: Option, raw: str, src: _Source) -> object:
             return _parse_upstream(raw)
         except ValueError as exc:
             raise _err(f"{src.label}: {exc}") from None
+    if opt.name == "forward":
+        try:
+            return parse_forward(raw)
+        except ValueError as exc:
+            raise _err(f"{src.label}: bad forward {raw!r}: {exc}") from None
     if opt.name == "key-id":
         # Not echoed: a secret pasted into the wrong field must not reach the logs.
         if not KEY_ID_RE.fullmatch(raw):

@@ -17,6 +17,7 @@ from python_socks.async_.asyncio import Proxy
 from relay.addresses import format_hostport
 from relay.carrier import Opened, SshCarrier, TcpCarrier, TunnelRefused, new_opener
 from relay.daemon import Daemon
+from relay.listeners import Listeners
 from relay.metrics import Metrics
 from relay.proto import ProtocolError
 from relay.proto import socks5 as s5
@@ -56,6 +57,10 @@ class WorkerSettings:
         self.replay_buffer: int = kwargs.pop("replay_buffer", 4 * 1024 * 1024)
         self.metrics_host: Optional[str] = kwargs.pop("metrics_host", None)
         self.metrics_port: int = kwargs.pop("metrics_port", 0)
+        # HTTP CONNECT listener (None = off) and static forwards, see relay.listeners.
+        self.http_host: Optional[str] = kwargs.pop("http_host", None)
+        self.http_port: int = kwargs.pop("http_port", 0)
+        self.forwards: list[tuple[str, int, str, int]] = list(kwargs.pop("forwards", []))
         if kwargs:
             raise TypeError(f"unknown worker settings: {', '.join(sorted(kwargs))}")
 
@@ -84,6 +89,9 @@ class WorkerSettings:
             replay_buffer=cfg.replay_buffer,
             metrics_host=cfg.metrics.host if cfg.metrics else None,
             metrics_port=cfg.metrics.port if cfg.metrics else 0,
+            http_host=cfg.http.host if cfg.http else None,
+            http_port=cfg.http.port if cfg.http else 0,
+            forwards=[(*f.listen, *f.dest) for f in cfg.forward],
         )
 
 
@@ -117,6 +125,7 @@ class RelayWorker(Daemon):
             )
         self._next_exit = 0
         self._forward: Optional[tuple[Any, Any]] = None
+        self.listeners = Listeners(self)
 
     async def start(self) -> None:
         s = self.settings
@@ -138,9 +147,16 @@ class RelayWorker(Daemon):
                 }
             },
         )
+        await self.listeners.start()
+
+    async def drain(self, timeout: float) -> None:
+        self.listeners.close()
+        await super().drain(timeout)
 
     async def stop(self) -> None:
+        self.listeners.close()
         await super().stop()
+        await self.listeners.wait_closed()
         if self.ssh is not None:
             await self.ssh.close()
 

@@ -1,0 +1,293 @@
+"""The worker's other local listeners, both carried like its SOCKS5 streams.
+
+* An HTTP CONNECT proxy (``--http``) for tools that only speak HTTP proxies
+  (``https_proxy``), with Basic proxy authentication using the ``--socks-auth`` credentials.
+* Static forwards (``--forward LOCAL:PORT=DEST:PORT``): every connection accepted on a local
+  port is a stream to one fixed destination, for programs that cannot be pointed at any proxy
+  (static or Go binaries, which an LD_PRELOAD interposer cannot reach).
+
+Both accept a local client, work out the destination in their own way and hand the client to
+:meth:`relay.worker.RelayWorker.relay`, which opens the stream over the same SSH connection and
+tunnel (heartbeats, half-close, resets) as a SOCKS5 stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+
+from relay.addresses import format_hostport
+from relay.proto import socks5 as s5
+from relay.proto.httpconnect import (
+    HttpConnectError,
+    HttpConnectParser,
+    Request,
+    basic_credentials,
+    connect_target,
+    established,
+    response,
+)
+from relay.pump import PlainProtocol
+from relay.sockopts import abort_with_reset, set_keepalive, set_nodelay, transport_socket
+
+if TYPE_CHECKING:
+    from relay.worker import RelayWorker
+
+log = logging.getLogger("relay.worker")
+
+HANDSHAKE_TIMEOUT = 30.0
+REALM = "hpc-relay"
+
+#: HTTP status for a stream the worker could not open, by the SOCKS5 reply code it got.
+_HTTP_STATUS = {
+    s5.NOT_ALLOWED: 403,
+    s5.TTL_EXPIRED: 504,
+}
+
+
+def http_status(code: int) -> int:
+    """The HTTP answer to a failed CONNECT: 403 for a policy refusal, 504 for a timeout,
+    502 for everything else (the next hop could not or would not connect)."""
+    return _HTTP_STATUS.get(code, 502)
+
+
+class Forward(NamedTuple):
+    """A static forward: connections to ``listen_host:listen_port`` go to ``dest``."""
+
+    listen_host: str
+    listen_port: int
+    dest_host: str
+    dest_port: int
+
+    def __str__(self) -> str:
+        listen = format_hostport(self.listen_host, self.listen_port)
+        return f"{listen}={format_hostport(self.dest_host, self.dest_port)}"
+
+
+class _LocalClient(PlainProtocol):
+    """Shared set-up of an accepted local client: registered with the worker, keepalive on."""
+
+    def __init__(self, worker: RelayWorker) -> None:
+        super().__init__()
+        self.worker = worker
+        self.metrics = worker.metrics
+        self._task: Optional[asyncio.Future[None]] = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.worker.connections.add(self)
+        sock = transport_socket(transport)
+        set_keepalive(sock, self.worker.settings.tcp_keepalive)
+        set_nodelay(sock)
+
+    def _relay(self, host: str, port: int) -> None:
+        self._task = asyncio.ensure_future(self.worker.relay(self, host, port, self._reply))
+
+    def _reply(self, code: int, host: str, port: int) -> None:
+        raise NotImplementedError
+
+
+class HttpConnectConnection(_LocalClient):
+    """One HTTP proxy client: a CONNECT request head, then one relayed stream."""
+
+    def __init__(self, worker: RelayWorker) -> None:
+        super().__init__(worker)
+        self.parser = HttpConnectParser()
+        self.in_handshake = True
+        self._timer: Optional[asyncio.TimerHandle] = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        if self.in_handshake:
+            self._advance(data)
+        else:
+            super().data_received(data)
+
+    def eof_received(self) -> bool:
+        if self.in_handshake:
+            self._close()
+            return False
+        return super().eof_received()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.closed = True
+        self.worker.connections.discard(self)
+        self._cancel_timer()
+        if not self.in_handshake:
+            super().connection_lost(exc)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self.metrics.protocol_errors.labels("local-http-timeout").inc()
+        self._close(response(408))
+
+    def _close(self, answer: Optional[bytes] = None) -> None:
+        self._cancel_timer()
+        if self.transport is not None:
+            if answer:
+                self.transport.write(answer)
+            self.transport.close()
+
+    def _advance(self, data: bytes) -> None:
+        try:
+            request = self.parser.receive(data)
+        except HttpConnectError as exc:
+            self._bad_request(exc)
+            return
+        if request is not None:
+            self._handle(request)
+
+    def _bad_request(self, exc: HttpConnectError) -> None:
+        self.metrics.protocol_errors.labels("local-http").inc()
+        log.info("bad HTTP request from local client", extra={"fields": {"why": str(exc)}})
+        self._close(response(exc.status))
+
+    def _handle(self, request: Request) -> None:
+        if request.method != "CONNECT":
+            self.metrics.protocol_errors.labels("local-http").inc()
+            self._close(response(405, [("Allow", "CONNECT")]))
+            return
+        if not self._authorized(request):
+            challenge = ("Proxy-Authenticate", f'Basic realm="{REALM}"')
+            self._close(response(407, [challenge]))
+            return
+        try:
+            host, port = connect_target(request.target)
+        except HttpConnectError as exc:
+            self._bad_request(exc)
+            return
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.in_handshake = False
+        self._cancel_timer()
+        early = self.parser.trailing()
+        if early:
+            self._early.append(early)
+        self._relay(host, port)
+
+    def _authorized(self, request: Request) -> bool:
+        required = self.worker.settings.socks_credentials
+        if required is None:
+            return True
+        values = request.header("proxy-authorization")
+        if not values:
+            self.metrics.auth_failures.labels("local-no-credentials").inc()
+            return False
+        given = basic_credentials(values[0]) if len(values) == 1 else None
+        user, password = given if given is not None else ("", "")
+        ok = hmac.compare_digest(user.encode(), required[0].encode()) & hmac.compare_digest(
+            password.encode(), required[1].encode()
+        )
+        if given is None or not ok:
+            self.metrics.auth_failures.labels("local-bad-credentials").inc()
+            return False
+        return True
+
+    def _reply(self, code: int, host: str, port: int) -> None:
+        if self.transport is None or self.closed:
+            return
+        if code == s5.SUCCEEDED:
+            self.transport.write(established())
+            return
+        self.transport.write(response(http_status(code)))
+        self.transport.close()
+
+
+class ForwardConnection(_LocalClient):
+    """One client of a static forward: relayed to the forward's destination at once."""
+
+    def __init__(self, worker: RelayWorker, forward: Forward) -> None:
+        super().__init__(worker)
+        self.forward = forward
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        transport.pause_reading()  # type: ignore[attr-defined]
+        self._relay(self.forward.dest_host, self.forward.dest_port)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.worker.connections.discard(self)
+        super().connection_lost(exc)
+
+    def _reply(self, code: int, host: str, port: int) -> None:
+        if code != s5.SUCCEEDED and not self.closed:
+            # The client's connect already succeeded; a reset is how "refused" looks now.
+            abort_with_reset(self.transport)
+
+
+class Listeners:
+    """The HTTP CONNECT listener and static forwards of one worker (any of them may be off)."""
+
+    def __init__(self, worker: RelayWorker) -> None:
+        self.worker = worker
+        self.http: Optional[asyncio.Server] = None
+        self.forwards: list[tuple[Forward, asyncio.Server]] = []
+
+    async def start(self) -> None:
+        settings = self.worker.settings
+        loop = asyncio.get_running_loop()
+        worker = self.worker
+        try:
+            if settings.http_host is not None:
+                self.http = await loop.create_server(
+                    lambda: HttpConnectConnection(worker),
+                    settings.http_host,
+                    settings.http_port,
+                    backlog=1024,
+                )
+                log.info(
+                    "listening",
+                    extra={"fields": {"http": format_hostport(*_address(self.http))}},
+                )
+            for forward in settings.forwards:
+                fwd = Forward(*forward)
+                server = await loop.create_server(
+                    lambda fwd=fwd: ForwardConnection(worker, fwd),  # type: ignore[misc]
+                    fwd.listen_host,
+                    fwd.listen_port,
+                    backlog=1024,
+                )
+                self.forwards.append((fwd, server))
+                log.info("listening", extra={"fields": {"forward": str(fwd)}})
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def http_address(self) -> Optional[tuple[str, int]]:
+        return _address(self.http) if self.http is not None else None
+
+    @property
+    def forward_addresses(self) -> list[tuple[str, int]]:
+        """Where each static forward listens, in configuration order (port 0 resolved)."""
+        return [_address(server) for _, server in self.forwards]
+
+    def close(self) -> None:
+        """Stop accepting (open streams are the worker's to drain or reset)."""
+        for server in self._servers():
+            server.close()
+
+    async def wait_closed(self) -> None:
+        for server in self._servers():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), 2)
+
+    def _servers(self) -> list[asyncio.Server]:
+        servers = [server for _, server in self.forwards]
+        return ([self.http] if self.http is not None else []) + servers
+
+
+def _address(server: Any) -> tuple[str, int]:
+    host, port = server.sockets[0].getsockname()[:2]
+    return str(host), int(port)

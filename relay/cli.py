@@ -100,6 +100,10 @@ def exit_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def worker_main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["check"]:
+        from relay.check import check_main
+
+        return check_main(args[1:])
     try:
         cfg = load_worker_config(args)
         settings = WorkerSettings.from_config(cfg)
@@ -115,6 +119,7 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
 USAGE = """usage: relay COMMAND [ARGS...]
 
 commands:
+  check     walk the worker's chain hop by hop (--config worker.toml [--probe HOST:PORT])
   demo      the whole chain on loopback, through an idle-killing middlebox
   exit      run relay-exit (same as the relay-exit command)
   worker    run relay-worker (same as the relay-worker command)
@@ -136,6 +141,10 @@ def relay_main(argv: Optional[Sequence[str]] = None) -> int:
         from relay.demo import main as demo_main
 
         return demo_main(rest)
+    if command == "check":
+        from relay.check import check_main
+
+        return check_main(rest)
     if command in ("version", "--version"):
         print(__version__)
         return EXIT_OK

@@ -112,6 +112,14 @@ class SshHop:
             self._last_error = "; ".join(errors)
             raise SshUnavailable(self._last_error)
 
+    async def connect_to(self, login: Login) -> asyncssh.SSHClientConnection:
+        """A connection to ``login`` alone, with the worker's options; errors raised unchanged.
+
+        For ``relay check``, which tries every login node and explains the exact error. The
+        connection is the caller's to close; :meth:`connection` never hands it out.
+        """
+        return await self._connect(login)
+
     async def _connect(self, login: Login) -> asyncssh.SSHClientConnection:
         options: dict[str, Any] = {
             "username": login.user or getpass.getuser(),

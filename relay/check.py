@@ -1,0 +1,992 @@
+"""``relay check``: walk the worker's chain hop by hop; say which hop fails, why, and the fix.
+
+Hops, in order, each timed:
+
+``ssh``
+    each login node: TCP, key exchange, host key against known_hosts, public key login.
+``tcp``
+    the exit through each login node that let us in (the direct-tcpip channel the worker opens
+    for every stream), or straight to the exit when no login node is configured.
+``hello``
+    the tunnel HELLO on that channel: both ends prove the shared secret; the exit's timestamp
+    gives the clock skew, its answer the agreed heartbeat interval.
+``connect``
+    each ``--probe`` destination through the exit (the exit's policy and its reach).
+``heartbeat``
+    one PING/PONG on an open stream: the round trip an idle stream's keepalive pays.
+
+The check is built from the worker's own parts (:class:`~relay.sshhop.SshHop`, the carriers,
+the tunnel opener and the stream state machine), so what passes here is what the worker does.
+Without ``--probe`` the HELLO's CONNECT asks for ``0.0.0.0:9``, which every exit refuses by
+policy (the unspecified address is always denied): that proves the HELLO and that the policy
+is on, at the price of one ``relay_policy_denials_total{reason="unspecified"}`` at the exit.
+Probe streams end with FIN (a reset after two seconds if the destination does not close), so
+the exit logs them like any stream and never parks them for resumption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import json
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Optional, Union, cast
+
+import asyncssh
+
+from relay.addresses import format_hostport
+from relay.carrier import SshCarrier, TcpCarrier, TunnelRefused, new_opener
+from relay.config import (
+    WORKER_OPTIONS,
+    Option,
+    WorkerConfig,
+    build_parser,
+    load_worker_config,
+    parse_hostport,
+)
+from relay.errors import ConfigError
+from relay.logs import setup_logging
+from relay.metrics import Metrics
+from relay.proto import ProtocolError
+from relay.proto import frames as fr
+from relay.proto import hello as hl
+from relay.proto import socks5 as s5
+from relay.proto.opener import AuthFailed, Connected, Established
+from relay.proto.stream import Rtt, TunnelStream
+from relay.sshhop import Login, SshHop
+from relay.worker import WorkerSettings
+
+__all__ = ["CHECK_OPTIONS", "Hop", "check_chain", "check_main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
+
+SELF_TEST = ("0.0.0.0", 9)
+"""Destination of the HELLO's CONNECT when no probe is given: denied by every exit's policy."""
+CLOCK_WINDOW_S = 120.0
+"""The exit refuses HELLOs whose timestamp is further than this from its clock."""
+SKEW_WARN_S = CLOCK_WINDOW_S / 2
+FIN_WAIT_S = 2.0
+"""How long a probe stream waits for the destination to close after our FIN, then resets."""
+
+CHECK_OPTIONS: tuple[Option, ...] = (
+    Option(
+        "probe",
+        "hostport",
+        (),
+        "destination to open a stream to through the exit (e.g. the collector); each is"
+        " one 'connect' hop, the first open one also measures the heartbeat round trip."
+        " Command line only",
+        repeatable=True,
+    ),
+    Option("json", "bool", False, "print one JSON document instead of lines. Command line only"),
+)
+"""``relay check``'s own flags; every relay-worker option is accepted as well."""
+
+
+@dataclass
+class Hop:
+    """One line of the report."""
+
+    name: str
+    target: str
+    status: str
+    seconds: Optional[float] = None
+    detail: str = ""
+    cause: str = ""
+    fix: str = ""
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "hop": self.name,
+            "target": self.target,
+            "status": self.status,
+            "ms": None if self.seconds is None else round(self.seconds * 1000, 3),
+            "detail": self.detail,
+            "cause": self.cause,
+            "fix": self.fix,
+            "facts": self.facts,
+        }
+
+
+# --------------------------------------------------------------------------- carriers
+
+
+class _HelloClock:
+    """Notes when the HELLO reply arrived, before the CONNECT reply completes the opening."""
+
+    hello_at: Optional[float] = None
+    hello_wall: Optional[float] = None
+
+    def _note_hello(self) -> None:
+        opener = getattr(self, "opener", None)
+        if self.hello_at is None and opener is not None and opener.established is not None:
+            self.hello_at = time.monotonic()
+            self.hello_wall = time.time()
+
+
+class _CheckSshCarrier(SshCarrier, _HelloClock):
+    def data_received(self, data: bytes, datatype: Any) -> None:
+        super().data_received(data, datatype)
+        self._note_hello()
+
+
+class _CheckTcpCarrier(TcpCarrier, _HelloClock):
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._note_hello()
+
+
+Carrier = Union[_CheckSshCarrier, _CheckTcpCarrier]
+
+
+class _ProbeStream:
+    """The data phase of a probe stream: one PING/PONG, then FIN (or RST) and close.
+
+    It stands where the worker puts a TunnelPump: :meth:`CarrierBase.attach` drives it.
+    """
+
+    def __init__(self, heartbeat: float, misses: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.stream = TunnelStream(
+            heartbeat=heartbeat, now=self.loop.time(), misses=misses, replay_limit=fr.MAX_DATA
+        )
+        self.link: Any = None
+        self.rtt: asyncio.Future[float] = self.loop.create_future()
+        self.ended: asyncio.Future[str] = self.loop.create_future()
+
+    # -- what a carrier calls ---------------------------------------------------------------
+    def attach_carrier(self, link: Any, early: bytes = b"") -> None:
+        self.link = link
+        if early:
+            self.carrier_data(early)
+
+    def carrier_data(self, data: bytes) -> None:
+        if self.ended.done():
+            return
+        try:
+            events, reply = self.stream.receive(data, self.loop.time())
+        except ProtocolError as exc:
+            self._end(f"protocol error from the exit: {exc}")
+            return
+        if reply:
+            self.link.write(reply)
+        for event in events:
+            if isinstance(event, Rtt) and not self.rtt.done():
+                self.rtt.set_result(event.seconds)
+            elif isinstance(event, fr.Reset):
+                name = fr.RST_CODE_NAMES.get(event.code, str(event.code))
+                self._end(f"the exit reset the stream ({name}: {event.reason or '-'})")
+                return
+
+    def carrier_lost(self, why: str) -> None:
+        self._end(why)
+
+    def carrier_pause_writing(self) -> None:
+        """Nothing to pause: a probe sends a few frames only."""
+
+    def carrier_resume_writing(self) -> None:
+        """See :meth:`carrier_pause_writing`."""
+
+    # -- what the check does ------------------------------------------------------------------
+    def _end(self, why: str) -> None:
+        if not self.ended.done():
+            self.ended.set_result(why)
+        if not self.rtt.done():
+            self.rtt.set_exception(ConnectionError(why))
+            self.rtt.exception()  # retrieved: a probe that closes early is reported elsewhere
+
+    async def ping(self, timeout: float) -> float:
+        """Round trip of one PING, with the token format the daemons use."""
+        self.link.write(fr.encode_ping(int(self.loop.time() * 1e6)))
+        return await asyncio.wait_for(asyncio.shield(self.rtt), timeout)
+
+    async def close(self) -> None:
+        """FIN and wait for the exit to finish the stream; reset it if that takes too long."""
+        if self.ended.done() or self.link is None:
+            return
+        self.link.write(self.stream.send_fin(self.loop.time()))
+        try:
+            await asyncio.wait_for(asyncio.shield(self.ended), FIN_WAIT_S)
+        except asyncio.TimeoutError:
+            self.link.write(self.stream.send_reset(fr.RST_GENERIC, "relay check done"))
+            self._end("reset after FIN timeout")
+        self.link.close()
+
+
+class _Attempt:
+    """What one carrier got to: channel, HELLO, CONNECT; times in seconds."""
+
+    def __init__(self) -> None:
+        self.stage = "tcp"  # the stage that failed, or "open"
+        self.error: Optional[BaseException] = None
+        self.channel_s: Optional[float] = None
+        self.hello_s: Optional[float] = None
+        self.open_s: Optional[float] = None
+        self.skew_s: Optional[float] = None
+        self.skew_error_s: Optional[float] = None
+        self.established: Optional[Established] = None
+        self.connected: Optional[Connected] = None
+        self.carrier: Optional[Carrier] = None
+
+
+# --------------------------------------------------------------------------- the check
+
+
+class Checker:
+    """Runs the hops for a worker's settings; ``report`` sees each hop as it completes."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        probes: Sequence[tuple[str, int]] = (),
+        report: Optional[Callable[[Hop], None]] = None,
+    ) -> None:
+        self.settings = settings
+        self.probes = list(probes)
+        self.timeout = settings.connect_timeout
+        self.hops: list[Hop] = []
+        self._report = report
+        self._metrics = Metrics("check")  # SshHop counts into it; never served
+
+    def add(self, hop: Hop) -> Hop:
+        self.hops.append(hop)
+        if self._report is not None:
+            self._report(hop)
+        return hop
+
+    async def run(self) -> list[Hop]:
+        s = self.settings
+        targets: list[tuple[str, int]] = [s.upstream] if s.upstream is not None else s.exits
+        if not s.logins:
+            for target in targets:
+                await self._path(None, None, target)
+            return self.hops
+        for login in s.logins:
+            conn = await self._ssh(login)
+            if conn is None:
+                for target in targets:
+                    self.add(
+                        Hop(
+                            "tcp",
+                            f"{format_hostport(*target)} via {login.host}",
+                            SKIP,
+                            detail=f"not checked: ssh to {login.host} failed",
+                        )
+                    )
+                continue
+            try:
+                for target in targets:
+                    await self._path(login, conn, target)
+            finally:
+                conn.close()
+                await conn.wait_closed()
+        return self.hops
+
+    # -- ssh --------------------------------------------------------------------------------
+    async def _ssh(self, login: Login) -> Optional[asyncssh.SSHClientConnection]:
+        s = self.settings
+        user = login.user or getpass.getuser()
+        target = f"{user}@{format_hostport(login.host, login.port)}"
+        hop = SshHop(
+            [login],
+            s.ssh_key,
+            s.known_hosts,
+            self._metrics,
+            keepalive=s.ssh_keepalive,
+            connect_timeout=self.timeout,
+        )
+        started = time.monotonic()
+        try:
+            conn = await asyncio.wait_for(hop.connect_to(login), self.timeout + 5)
+        except Exception as exc:
+            elapsed = time.monotonic() - started
+            cause, fix, why = await self._ssh_failure(login, user, exc)
+            self.add(Hop("ssh", target, FAIL, elapsed, cause=cause, fix=fix, facts=why))
+            return None
+        elapsed = time.monotonic() - started
+        facts: dict[str, Any] = {"auth": "publickey"}
+        client = _key_fingerprint(s.ssh_key)
+        if client:
+            facts["client_key"] = client
+        server = conn.get_server_host_key()
+        if server is not None:
+            facts["host_key"] = f"{server.get_algorithm()} {server.get_fingerprint()}"
+        where = str(s.known_hosts) if s.known_hosts else "~/.ssh/known_hosts"
+        detail = f"auth publickey {client or ''}".rstrip()
+        if "host_key" in facts:
+            detail += f"; host key {facts['host_key']} matches {where}"
+        self.add(Hop("ssh", target, OK, elapsed, detail=detail, facts=facts))
+        return conn
+
+    async def _ssh_failure(
+        self, login: Login, user: str, exc: BaseException
+    ) -> tuple[str, str, dict[str, Any]]:
+        s = self.settings
+        where = f"{login.host} port {login.port}"
+        key_file = str(s.ssh_key) if s.ssh_key else "the default key"
+        facts: dict[str, Any] = {"error": type(exc).__name__}
+        if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+            return await self._host_key_failure(login, facts)
+        if isinstance(exc, asyncssh.PermissionDenied):
+            fingerprint = _key_fingerprint(s.ssh_key)
+            facts["client_key"] = fingerprint
+            return (
+                f"wrong key: {login.host} refused the public key login of {user} with"
+                f" {key_file} ({fingerprint or 'unreadable key'})",
+                f"put {key_file}.pub in ~{user}/.ssh/authorized_keys on {login.host}, with a"
+                f" from= list that includes this node ({socket.gethostname()}); check that"
+                " --ssh-key names the key you registered",
+                facts,
+            )
+        if isinstance(exc, ConnectionRefusedError):
+            return (
+                f"connection refused: nothing listens on {where} (sshd down or wrong port)",
+                f"check the host and port in --login; try ssh -p {login.port} {user}@{login.host}"
+                " from this node",
+                facts,
+            )
+        if isinstance(exc, asyncio.TimeoutError):
+            return (
+                f"no answer from {where} within {self.timeout:g} s",
+                "check that this node can reach the login node (site firewall, host name, the"
+                " node being down)",
+                facts,
+            )
+        if isinstance(exc, socket.gaierror):
+            return (
+                f"cannot resolve {login.host}: {exc.strerror or exc}",
+                "check the host name in --login and this node's DNS",
+                facts,
+            )
+        if isinstance(exc, (asyncssh.KeyImportError, asyncssh.KeyEncryptionError)):
+            return (
+                f"cannot load the SSH key {key_file}: {exc}",
+                "--ssh-key must name an unencrypted OpenSSH private key (ssh-keygen -N '')",
+                facts,
+            )
+        if isinstance(exc, asyncssh.DisconnectError):
+            return (
+                f"{login.host} closed the connection: {exc.reason or type(exc).__name__}",
+                "look at sshd's log on the login node (MaxStartups, a ban after too many logins)",
+                facts,
+            )
+        return (
+            f"cannot connect to {where}: {exc or type(exc).__name__}",
+            "check --login and that this node can reach the login node",
+            facts,
+        )
+
+    async def _host_key_failure(
+        self, login: Login, facts: dict[str, Any]
+    ) -> tuple[str, str, dict[str, Any]]:
+        s = self.settings
+        name = login.host if login.port == 22 else f"[{login.host}]:{login.port}"
+        presented = await self._presented_host_key(login)
+        if presented:
+            facts["presented_host_key"] = presented
+        shown = f" presented {presented}" if presented else ""
+        if s.known_hosts is None:
+            return (
+                f"host key not verifiable: {login.host}{shown} is not in ~/.ssh/known_hosts",
+                "set --known-hosts to a file with the login node's host key, checked against"
+                " the fingerprint the site publishes",
+                facts,
+            )
+        expected = _known_keys(s.known_hosts, login)
+        if expected:
+            facts["expected_host_keys"] = expected
+            return (
+                f"host key mismatch: {login.host}{shown}, but {s.known_hosts} expects"
+                f" {', '.join(expected)}",
+                "if the site announced new host keys, replace the line for"
+                f" {name} in {s.known_hosts} (compare the fingerprint with the site's);"
+                " otherwise something may be intercepting the connection: do not go on",
+                facts,
+            )
+        return (
+            f"unknown host: {s.known_hosts} has no key for {name}{shown and ';' + shown}",
+            f"add it: ssh-keyscan -p {login.port} {login.host} >> {s.known_hosts}, then compare"
+            " its fingerprint (ssh-keygen -lf) with the one the site publishes",
+            facts,
+        )
+
+    async def _presented_host_key(self, login: Login) -> str:
+        """The login node's host key fingerprint (one more key exchange, no login)."""
+        try:
+            key = await asyncio.wait_for(
+                asyncssh.get_server_host_key(login.host, login.port), self.timeout
+            )
+        except (OSError, asyncssh.Error, asyncio.TimeoutError):
+            return ""
+        return f"{key.get_algorithm()} {key.get_fingerprint()}" if key is not None else ""
+
+    # -- exit and probes --------------------------------------------------------------------
+    async def _path(
+        self,
+        login: Optional[Login],
+        conn: Optional[asyncssh.SSHClientConnection],
+        target: tuple[str, int],
+    ) -> None:
+        """tcp, hello, connect (each probe) and heartbeat for one login node and one exit."""
+        s = self.settings
+        name = format_hostport(*target)
+        via = f" via {login.host}" if login is not None else ""
+        if s.upstream is not None:
+            await self._upstream(conn, target, f"{name}{via}")
+            return
+        first = self.probes[0] if self.probes else SELF_TEST
+        attempt = await self._open(conn, target, first)
+        if attempt.stage == "tcp":
+            cause, fix = self._tcp_failure(login, name, attempt.error)
+            self.add(Hop("tcp", f"{name}{via}", FAIL, attempt.channel_s, cause=cause, fix=fix))
+            self._skip_after("tcp", name)
+            return
+        how = "direct-tcpip channel open" if conn is not None else "TCP connected"
+        self.add(Hop("tcp", f"{name}{via}", OK, attempt.channel_s, detail=how))
+        if attempt.stage == "hello":
+            cause, fix = self._hello_failure(name, attempt.error)
+            self.add(Hop("hello", name, FAIL, attempt.hello_s, cause=cause, fix=fix))
+            self._skip_after("hello", name)
+            return
+        self.add(self._hello_hop(name, attempt))
+        if not self.probes:
+            self._self_test(name, attempt)
+            return
+        streams: list[_ProbeStream] = []
+        try:
+            for index, probe in enumerate(self.probes):
+                if index:
+                    attempt = await self._open(conn, target, probe)
+                stream = self._connect_hop(probe, attempt)
+                if stream is not None:
+                    streams.append(stream)
+            await self._heartbeat(name, streams)
+        finally:
+            for stream in streams:
+                await stream.close()
+
+    async def _open(
+        self,
+        conn: Optional[asyncssh.SSHClientConnection],
+        target: tuple[str, int],
+        destination: tuple[str, int],
+    ) -> _Attempt:
+        """One carrier through the chain, up to the CONNECT reply for ``destination``."""
+        s = self.settings
+        attempt = _Attempt()
+        started = time.monotonic()
+        carrier: Carrier
+        try:
+            if conn is not None:
+                _, session = await asyncio.wait_for(
+                    conn.create_connection(_CheckSshCarrier, *target), self.timeout
+                )
+                carrier = cast(_CheckSshCarrier, session)
+            else:
+                loop = asyncio.get_running_loop()
+                _, protocol = await asyncio.wait_for(
+                    loop.create_connection(_CheckTcpCarrier, *target), self.timeout
+                )
+                carrier = protocol
+        except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
+            attempt.error = exc
+            attempt.channel_s = time.monotonic() - started
+            return attempt
+        attempt.carrier = carrier
+        sent = time.monotonic()
+        sent_wall = time.time()
+        attempt.channel_s = sent - started
+        carrier.start(new_opener(s.secret, s.key_id, s.heartbeat, destination))
+        try:
+            opened = await asyncio.wait_for(carrier.opened, self.timeout)
+        except (ProtocolError, ConnectionError, asyncio.TimeoutError) as exc:
+            carrier.link.close()
+            attempt.error = exc
+            attempt.hello_s = time.monotonic() - sent
+            opener = carrier.opener
+            if carrier.hello_at is None or opener is None or opener.established is None:
+                attempt.stage = "hello"
+                return attempt
+            attempt.stage = "connect"
+            attempt.open_s = time.monotonic() - sent
+            established = opener.established
+        else:
+            attempt.stage = "open"
+            attempt.open_s = time.monotonic() - sent
+            attempt.connected = opened.connected
+            established = opened.established
+        attempt.established = established
+        hello_at = carrier.hello_at if carrier.hello_at is not None else time.monotonic()
+        hello_wall = carrier.hello_wall if carrier.hello_wall is not None else time.time()
+        attempt.hello_s = hello_at - sent
+        attempt.skew_s = established.exit_time_ms / 1000 - (sent_wall + hello_wall) / 2
+        attempt.skew_error_s = (hello_wall - sent_wall) / 2
+        return attempt
+
+    def _hello_hop(self, name: str, attempt: _Attempt) -> Hop:
+        s = self.settings
+        established = attempt.established
+        assert established is not None
+        skew = round(attempt.skew_s or 0.0, 3) + 0.0  # + 0.0: no "-0.000"
+        heartbeat = established.heartbeat_ms / 1000
+        facts = {
+            "key_id": s.key_id,
+            "clock_skew_s": round(skew, 3),
+            "clock_skew_error_s": round(attempt.skew_error_s or 0.0, 3),
+            "heartbeat_s": heartbeat,
+        }
+        detail = (
+            f"key {s.key_id} accepted, exit authenticated; clock skew {skew:+.3f} s"
+            f" (±{attempt.skew_error_s or 0.0:.3f} s); heartbeat {heartbeat:g} s"
+        )
+        if abs(skew) > SKEW_WARN_S:
+            return Hop(
+                "hello",
+                name,
+                WARN,
+                attempt.hello_s,
+                detail=detail,
+                cause=f"clock skew {skew:+.0f} s: the exit refuses beyond ±{CLOCK_WINDOW_S:g} s",
+                fix="synchronise the clocks of this node and the exit (NTP, chrony)",
+                facts=facts,
+            )
+        return Hop("hello", name, OK, attempt.hello_s, detail=detail, facts=facts)
+
+    def _self_test(self, name: str, attempt: _Attempt) -> None:
+        connected = attempt.connected
+        code = connected.code if connected is not None else None
+        if attempt.carrier is not None:
+            attempt.carrier.link.close()
+        probe = format_hostport(*SELF_TEST)
+        if code == s5.SUCCEEDED:
+            self.add(
+                Hop(
+                    "connect",
+                    probe,
+                    WARN,
+                    attempt.open_s,
+                    cause=f"the exit let a stream to {probe} through: its policy allows the"
+                    " unspecified address, which reaches the exit host itself",
+                    fix="remove the --allow rule that covers 0.0.0.0 on the exit",
+                )
+            )
+        else:
+            reply = s5.REPLY_NAMES.get(code, str(code)) if code is not None else "no reply"
+            self.add(
+                Hop(
+                    "connect",
+                    "-",
+                    SKIP,
+                    detail=f"no --probe given (the exit answered {probe} with '{reply}',"
+                    " as a policy must)",
+                )
+            )
+        self.add(Hop("heartbeat", name, SKIP, detail="needs an open stream: give --probe"))
+
+    def _connect_hop(self, probe: tuple[str, int], attempt: _Attempt) -> Optional[_ProbeStream]:
+        """Report one probe's CONNECT; an open stream is handed over to a _ProbeStream."""
+        s = self.settings
+        target = format_hostport(*probe)
+        if attempt.stage != "open":
+            if attempt.stage == "tcp":
+                cause, fix = self._tcp_failure(None, "the exit", attempt.error)
+            elif attempt.stage == "hello":
+                cause, fix = self._hello_failure("the exit", attempt.error)
+            else:
+                cause = f"no CONNECT reply: {_describe(attempt.error)}"
+                fix = "look at the exit's log for this destination"
+            self.add(Hop("connect", target, FAIL, attempt.open_s, cause=cause, fix=fix))
+            return None
+        connected = attempt.connected
+        carrier = attempt.carrier
+        assert connected is not None and carrier is not None
+        if connected.code != s5.SUCCEEDED:
+            carrier.link.close()
+            cause, fix = _connect_failure(probe, connected.code)
+            facts = {"reply": s5.REPLY_NAMES.get(connected.code, connected.code)}
+            self.add(
+                Hop("connect", target, FAIL, attempt.open_s, cause=cause, fix=fix, facts=facts)
+            )
+            return None
+        bound = format_hostport(connected.host, connected.port)
+        self.add(
+            Hop(
+                "connect",
+                target,
+                OK,
+                attempt.open_s,
+                detail=f"connected (exit's side {bound})",
+                facts={"bound": bound},
+            )
+        )
+        stream = _ProbeStream(
+            attempt.established.heartbeat_ms / 1000 if attempt.established else s.heartbeat,
+            s.heartbeat_misses,
+        )
+        carrier.attach(stream)  # type: ignore[arg-type]  # the pump interface, duck-typed
+        return stream
+
+    async def _heartbeat(self, name: str, streams: list[_ProbeStream]) -> None:
+        if not streams:
+            self.add(Hop("heartbeat", name, SKIP, detail="no probe stream opened"))
+            return
+        try:
+            rtt = await streams[0].ping(self.timeout)
+        except (ConnectionError, asyncio.TimeoutError) as exc:
+            self.add(
+                Hop(
+                    "heartbeat",
+                    name,
+                    FAIL,
+                    cause=f"no PONG for a PING: {_describe(exc)}",
+                    fix="the stream opened but the exit does not answer heartbeats; look at"
+                    " the exit's log and version",
+                )
+            )
+            return
+        self.add(
+            Hop(
+                "heartbeat",
+                name,
+                OK,
+                rtt,
+                detail="PING/PONG round trip on an open stream",
+                facts={"rtt_s": round(rtt, 6)},
+            )
+        )
+
+    async def _upstream(
+        self, conn: Optional[asyncssh.SSHClientConnection], target: tuple[str, int], label: str
+    ) -> None:
+        """--upstream mode: only the TCP hop to the plain SOCKS5 server is checked."""
+        started = time.monotonic()
+        try:
+            if conn is not None:
+                chan, _ = await asyncio.wait_for(
+                    conn.create_connection(asyncssh.SSHTCPSession, *target), self.timeout
+                )
+                chan.close()
+            else:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(*target), self.timeout)
+                writer.close()
+        except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
+            cause, fix = self._tcp_failure(None, format_hostport(*target), exc)
+            self.add(Hop("tcp", label, FAIL, time.monotonic() - started, cause=cause, fix=fix))
+            return
+        self.add(
+            Hop(
+                "tcp",
+                label,
+                OK,
+                time.monotonic() - started,
+                detail="upstream SOCKS5 server reachable (--upstream mode: no tunnel hops)",
+            )
+        )
+
+    def _skip_after(self, failed: str, name: str) -> None:
+        order = ["tcp", "hello", "connect", "heartbeat"]
+        for later in order[order.index(failed) + 1 :]:
+            if later == "connect":
+                for target in [format_hostport(*p) for p in self.probes] or ["-"]:
+                    self.add(Hop("connect", target, SKIP, detail=f"not checked: {failed} failed"))
+            else:
+                self.add(Hop(later, name, SKIP, detail=f"not checked: {failed} failed"))
+
+    # -- explanations -------------------------------------------------------------------------
+    def _tcp_failure(
+        self, login: Optional[Login], name: str, exc: Optional[BaseException]
+    ) -> tuple[str, str]:
+        if isinstance(exc, asyncssh.ChannelOpenError):
+            node = login.host if login is not None else "the login node"
+            if exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
+                return (
+                    f"{node} forbids forwarding to {name}: {exc.reason}",
+                    "the key's authorized_keys line needs port-forwarding and a"
+                    f' permitopen="{name}" for every exit address (and sshd must allow'
+                    " TCP forwarding)",
+                )
+            return (
+                f"exit unreachable from the login node: {node} could not connect to {name}"
+                f" ({exc.reason or 'connect failed'})",
+                "is relay-exit running and listening there? the login node may reach the"
+                " outside on some ports only (80/443 at JSC): --exit must use one of them",
+            )
+        if isinstance(exc, asyncio.TimeoutError):
+            return (
+                f"no connection to {name} within {self.timeout:g} s",
+                "a firewall drops the connection, or the exit host is down",
+            )
+        if isinstance(exc, ConnectionRefusedError):
+            return (
+                f"exit down: connection to {name} refused (nothing listens there)",
+                "start relay-exit (systemctl status relay-exit) or fix --exit",
+            )
+        return (
+            f"cannot reach {name}: {_describe(exc)}",
+            "check --exit and that this node (or the login node) can reach it",
+        )
+
+    def _hello_failure(self, name: str, exc: Optional[BaseException]) -> tuple[str, str]:
+        s = self.settings
+        key = s.key_id
+        if isinstance(exc, TunnelRefused):
+            if exc.stage == "method":
+                return (
+                    f"{name} does not offer the tunnel method: it is not relay-exit (a web"
+                    " server or a plain SOCKS5 server on that port?)",
+                    "point --exit at relay-exit's --listen address as seen from the login node",
+                )
+            if exc.status == hl.BAD_AUTH:
+                return (
+                    f"secret mismatch: the exit refused key id {key!r} (unknown to the exit,"
+                    " or its secret differs from --secret-file)",
+                    f"the exit's --keys file needs the line '{key} SECRET' with the same secret"
+                    " as this worker's --secret-file; after editing it run"
+                    " systemctl reload relay-exit",
+                )
+            if exc.status == hl.CLOCK_SKEW:
+                now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                return (
+                    "clock skew: the exit refused the HELLO because this node's clock and the"
+                    f" exit's differ by more than {CLOCK_WINDOW_S:g} s (this node: {now})",
+                    "synchronise the clocks of this node and the exit (NTP, chrony)",
+                )
+            if exc.status == hl.BAD_VERSION:
+                return (
+                    "the exit speaks another tunnel protocol version",
+                    "run the same hpc-relay release on the worker and the exit",
+                )
+            if exc.status == hl.REPLAY:
+                return (
+                    "the exit saw this HELLO's nonce before (a replayed connection)",
+                    "run the check again; if it repeats, something replays traffic",
+                )
+            return (
+                f"the exit refused the HELLO ({hl.STATUS_NAMES.get(exc.status, exc.status)})",
+                "look at the exit's log (it may be overloaded)",
+            )
+        if isinstance(exc, AuthFailed):
+            return (
+                "secret mismatch: the exit's HELLO reply failed authentication; whatever"
+                f" answers at {name} does not hold this worker's secret for {key!r}",
+                "compare --secret-file with the exit's --keys entry; check --exit points at"
+                " your relay-exit",
+            )
+        if isinstance(exc, ProtocolError):
+            return (
+                f"{name} does not speak the tunnel protocol: {exc}",
+                "point --exit at relay-exit's --listen address as seen from the login node",
+            )
+        if isinstance(exc, asyncio.TimeoutError):
+            return (
+                f"no HELLO reply from {name} within {self.timeout:g} s",
+                "whatever listens there is not answering like relay-exit; look at its log",
+            )
+        return (
+            f"the connection closed during the HELLO: {_describe(exc)}",
+            "look at the exit's log (handshake limit reached? not relay-exit?)",
+        )
+
+
+def _connect_failure(probe: tuple[str, int], code: int) -> tuple[str, str]:
+    host, port = probe
+    name = format_hostport(host, port)
+    if code == s5.NOT_ALLOWED:
+        return (
+            f"destination denied by policy: the exit does not allow {name}",
+            f"add an --allow rule on the exit that covers {name} (CIDR or .domain suffix with"
+            " the port; private and loopback ranges need a rule inside them), then"
+            " systemctl reload relay-exit",
+        )
+    if code == s5.CONNECTION_REFUSED:
+        return (
+            f"the exit reached {host} but nothing accepts connections on port {port}",
+            "is the service running, and is the port right?",
+        )
+    if code == s5.HOST_UNREACHABLE:
+        return (
+            f"the exit cannot reach {host} (no answer, or the name does not resolve at the exit)",
+            "check the name resolves on the exit host and the exit's own outbound firewall",
+        )
+    if code == s5.NETWORK_UNREACHABLE:
+        return (
+            f"the exit has no route to {host}",
+            "check the exit host's network (routing, IPv6 connectivity)",
+        )
+    return (
+        f"the exit could not open the stream ({s5.REPLY_NAMES.get(code, code)})",
+        "look at the exit's log and relay_limit_hits_total (stream limits)",
+    )
+
+
+def _describe(exc: Optional[BaseException]) -> str:
+    if exc is None:
+        return "unknown error"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
+def _key_fingerprint(path: Optional[Path]) -> str:
+    """``ALG SHA256:...`` of the SSH key file, or '' when it cannot be read."""
+    if path is None:
+        return ""
+    try:
+        key = asyncssh.read_private_key(str(path))
+    except (OSError, asyncssh.KeyImportError, asyncssh.KeyEncryptionError):
+        return ""
+    return f"{key.get_algorithm()} {key.get_fingerprint()}"
+
+
+def _known_keys(path: Path, login: Login) -> list[str]:
+    """Fingerprints known_hosts trusts for the login node (empty when it has none)."""
+    try:
+        known = asyncssh.read_known_hosts(str(path))
+    except (OSError, ValueError, asyncssh.Error):
+        return []
+    addresses = [""]
+    with contextlib.suppress(OSError):
+        addresses += [str(i[4][0]) for i in socket.getaddrinfo(login.host, login.port)]
+    found: list[str] = []
+    for address in addresses:
+        for key in known.match(login.host, address, login.port)[0]:
+            shown = f"{key.get_algorithm()} {key.get_fingerprint()}"
+            if shown not in found:
+                found.append(shown)
+    return found
+
+
+async def check_chain(
+    settings: WorkerSettings,
+    probes: Sequence[tuple[str, int]] = (),
+    report: Optional[Callable[[Hop], None]] = None,
+) -> list[Hop]:
+    """Run every hop; the result lists them in order (``report`` sees each as it ends)."""
+    return await Checker(settings, probes, report).run()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def _own_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="relay check", add_help=False, allow_abbrev=False)
+    parser.add_argument("-h", "--help", action="store_true")
+    for opt in CHECK_OPTIONS:
+        if opt.kind == "bool":
+            parser.add_argument(opt.flag, dest=opt.key, action="store_true")
+        else:
+            parser.add_argument(opt.flag, dest=opt.key, action="append", default=[])
+    return parser
+
+
+USAGE = """usage: relay check [--probe HOST:PORT ...] [--json] [--config worker.toml] [WORKER FLAGS]
+
+Walks the chain as relay-worker would and prints one line per hop with its time: ssh (each
+login node), tcp (the exit through it), hello (tunnel authentication, clock skew, agreed
+heartbeat), connect (each --probe through the exit), heartbeat (PING/PONG round trip). On a
+failure it names the hop, the cause and the likely fix. Exit status: 0 every hop ok, 1 a hop
+failed, 2 usage or configuration error.
+
+check options:
+  --probe HOST:PORT   destination to open through the exit, e.g. the collector (repeatable)
+  --json              one JSON document: {"ok": ..., "hops": [...]}
+
+Every relay-worker option is accepted (most come from --config):
+"""
+
+
+def _format_ms(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds * 1000:.1f} ms"
+    return f"{seconds:.1f} s"
+
+
+def format_hop(hop: Hop) -> str:
+    """The text line of a hop (plus a ``fix:`` line for a failure or warning)."""
+    status = {OK: "ok", WARN: "warn", FAIL: "FAIL", SKIP: "skip"}[hop.status]
+    text = hop.cause if hop.status in (FAIL, WARN) and hop.cause else hop.detail
+    if hop.status == WARN and hop.detail:
+        text = f"{hop.detail}; {hop.cause}"
+    line = f"{status:<5} {hop.name:<9} {hop.target:<36} {_format_ms(hop.seconds):>9}  {text}"
+    if hop.fix and hop.status in (FAIL, WARN):
+        line += f"\n{'':<16}fix: {hop.fix}"
+    return line
+
+
+def _load(argv: Sequence[str]) -> tuple[WorkerConfig, WorkerSettings, list[tuple[str, int]], bool]:
+    ns, rest = _own_parser().parse_known_args(list(argv))
+    if ns.help:
+        raise _Help()
+    probes = []
+    for text in ns.probe:
+        try:
+            probe = parse_hostport(text)
+        except ValueError as exc:
+            raise ConfigError(f"--probe: bad address {text!r}: {exc}") from None
+        probes.append((probe.host, probe.port))
+    given = {arg.split("=", 1)[0] for arg in rest}
+    if "--socks-auth" not in given and "--no-socks-auth" not in given:
+        rest.append("--no-socks-auth")  # the local listener is not part of the check
+    cfg = load_worker_config(rest)
+    return cfg, WorkerSettings.from_config(cfg), probes, bool(ns.json)
+
+
+class _Help(Exception):
+    pass
+
+
+def check_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``relay check``: 0 all hops ok, 1 a hop failed, 2 usage or configuration error."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg, settings, probes, as_json = _load(args)
+    except _Help:
+        print(USAGE + build_parser("relay check", WORKER_OPTIONS).format_help(), end="")
+        return EXIT_OK
+    except ConfigError as exc:
+        print(f"relay check: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(cfg.log_format, "debug" if cfg.log_level == "debug" else "error")
+
+    def show(hop: Hop) -> None:
+        if not as_json:
+            print(format_hop(hop), flush=True)
+
+    try:
+        hops = asyncio.run(check_chain(settings, probes, show))
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    failed = [hop for hop in hops if hop.status == FAIL]
+    if as_json:
+        doc = {
+            "ok": not failed,
+            "config": str(cfg.config_file) if cfg.config_file else None,
+            "failed": [f"{hop.name} {hop.target}" for hop in failed],
+            "hops": [hop.as_dict() for hop in hops],
+        }
+        print(json.dumps(doc, indent=2))
+    elif failed:
+        names = ", ".join(f"{hop.name} {hop.target}" for hop in failed)
+        print(f"FAILED: {len(failed)} of {len(hops)} hops ({names})")
+    else:
+        print(f"ok: {len(hops)} hops checked")
+    return EXIT_FAILED if failed else EXIT_OK

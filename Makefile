@@ -32,6 +32,12 @@ lint: venv
 test: venv debs lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+## regenerate docs/CONFIG.md from the option schema (a test fails when it is stale)
+.PHONY: docs
+docs: venv
+	$(BIN)/python -m relay.configdoc > docs/CONFIG.md.tmp
+	mv docs/CONFIG.md.tmp docs/CONFIG.md
+
 ## the fast tests only: no root, no namespaces
 unit: venv
 	$(BIN)/pytest -m "not netns" $(PYTEST_ARGS)

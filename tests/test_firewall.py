@@ -35,9 +35,11 @@ def test_idle_relay_stream_survives_where_plain_tcp_dies(
     # The relayed one crossed the same firewall (login -> exit on port 80) and still works.
     assert relay_result["first"] is True, relay_result
     assert relay_result["after_idle"] is True, relay_result
-    # heartbeat 1 s: the worker pinged through the firewall all along the idle period
+    # heartbeat 1 s: the worker pinged through the firewall all along the 12 s idle period
+    # (about 12 PINGs; a loaded machine may merge a few, but never so many that a gap
+    # reached the firewall's 4 s timeout, or the stream would be dead)
     worker_metrics = scrape(lab, lab.worker, "http://127.0.0.1:9101/metrics")
-    assert worker_metrics["relay_heartbeat_rtt_seconds_count"] >= 3 * lab.idle_timeout - 2
+    assert worker_metrics["relay_heartbeat_rtt_seconds_count"] >= 6
 
 
 def test_destination_that_vanishes_silently_resets_the_client(

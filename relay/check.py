@@ -154,7 +154,8 @@ Carrier = Union[_CheckSshCarrier, _CheckTcpCarrier]
 class _ProbeStream:
     """The data phase of a probe stream: one PING/PONG, then FIN (or RST) and close.
 
-    It stands where the worker puts a TunnelPump: :meth:`CarrierBase.attach` drives it.
+    It stands where the worker puts a TunnelPump: :meth:`CarrierBase.attach` drives it
+    through the same methods and the ``carrier`` attribute (the link it writes to).
     """
 
     def __init__(self, heartbeat: float, misses: int) -> None:
@@ -163,14 +164,17 @@ class _ProbeStream:
             heartbeat=heartbeat, now=self.loop.time(), misses=misses, replay_limit=fr.MAX_DATA
         )
         self.link: Any = None
+        self.carrier: Any = None
         self.rtt: asyncio.Future[float] = self.loop.create_future()
         self.ended: asyncio.Future[str] = self.loop.create_future()
 
     # -- what a carrier calls ---------------------------------------------------------------
-    def attach_carrier(self, link: Any, early: bytes = b"") -> None:
-        self.link = link
+    def attach_carrier(self, link: Any, early: bytes = b"", peer_offset: int = 0) -> int:
+        """Start the data phase on ``link``; nothing was sent before, so nothing is replayed."""
+        self.link = self.carrier = link
         if early:
             self.carrier_data(early)
+        return 0
 
     def carrier_data(self, data: bytes) -> None:
         if self.ended.done():
@@ -190,7 +194,7 @@ class _ProbeStream:
                 self._end(f"the exit reset the stream ({name}: {event.reason or '-'})")
                 return
 
-    def carrier_lost(self, why: str) -> None:
+    def carrier_lost(self, why: str, link: Any = None) -> None:
         self._end(why)
 
     def carrier_pause_writing(self) -> None:

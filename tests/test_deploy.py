@@ -466,3 +466,17 @@ async def test_check_runs_from_the_shipped_worker_toml_shape(sshd: Sshd, tmp_pat
     finally:
         await relay_exit.stop()
         await servers.close()
+
+
+# -- operator docs ------------------------------------------------------------------------------
+
+
+def test_operator_docs_point_at_files_that_exist() -> None:
+    docs = [REPO / "docs" / "OPERATIONS.md", *sorted(DEPLOY.glob("*/README.md"))]
+    for doc in docs:
+        text = doc.read_text()
+        for path in set(re.findall(r"\b(deploy/[A-Za-z0-9_./-]+[A-Za-z0-9_])", text)):
+            assert (REPO / path).exists(), f"{doc.name} names {path}, which does not exist"
+    operations = (REPO / "docs" / "OPERATIONS.md").read_text()
+    assert "](CONFIG.md)" in operations and "](METRICS.md)" in operations
+    assert "BENCH NUMBERS" in operations  # the place the measured numbers go

@@ -42,5 +42,22 @@ docs: venv
 unit: venv
 	$(BIN)/pytest -m "not netns" $(PYTEST_ARGS)
 
+## relay vs the old chain, side by side on loopback (about 15 min; updates docs/PERFORMANCE.md)
+BENCH_STAMP := $(VENV)/.bench-stamp
+BENCH_ARGS ?=
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+.PHONY: bench bench-quick
+bench: $(BENCH_STAMP)
+	./bench/install-debs
+	$(BIN)/python -m bench --full --update-docs $(BENCH_ARGS)
+
+## the same in about a minute with small sizes (results under bench/results/ only)
+bench-quick: $(BENCH_STAMP)
+	./bench/install-debs
+	$(BIN)/python -m bench --quick $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

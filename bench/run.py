@@ -1,0 +1,534 @@
+"""The bench: every chain set up on loopback, measured side by side in one run, interleaved.
+
+    python -m bench --quick            # about a minute, small sizes (make bench-quick)
+    python -m bench --full --update-docs   # 1 GiB transfers, >= 500 connections (make bench)
+
+Results go to ``bench/results/<UTC time>-<mode>/``: ``results.json`` (every raw sample),
+``summary.md`` and PNG plots; ``--update-docs`` also puts the summary into
+docs/PERFORMANCE.md between its ``bench:begin``/``bench:end`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+from bench import procstat
+from bench.chains import REPO, Bench, Chain
+from bench.common import expected_digest, free_port
+
+RESULTS = REPO / "bench" / "results"
+
+MODES: dict[str, dict[str, Any]] = {
+    "quick": {
+        "bulk_size": 64 << 20,
+        "bulk_reps": 3,
+        "lat_count": 100,
+        "lat_blocks": 2,
+        "wan_count": 20,
+        "wan_blocks": 2,
+        "rate_seconds": 2.0,
+        "rate_rounds": 1,
+        "rate_procs": 4,
+        "idle": {"relay": 300, "old-chain": 100},
+        "idle_window": 5.0,
+    },
+    "full": {
+        "bulk_size": 1 << 30,
+        "bulk_reps": 5,
+        "lat_count": 500,
+        "lat_blocks": 5,
+        "wan_count": 300,
+        "wan_blocks": 3,
+        "rate_seconds": 5.0,
+        "rate_rounds": 3,
+        "rate_procs": 8,
+        # 9,900 rather than 10,000: the exit holds two sockets per stream and this machine's
+        # hard RLIMIT_NOFILE is 20,000 (no CAP_SYS_RESOURCE to raise it); see the summary.
+        "idle": {"relay": 9900, "old-chain": 1000, "pproxy": 1000},
+        "idle_window": 60.0,
+    },
+}
+
+CHAINS = ("direct", "old-chain", "old-chain-gcm", "relay", "pproxy")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _cmd(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return (out.stdout + out.stderr).strip().splitlines()[0] if (out.stdout + out.stderr) else "?"
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "-"
+
+
+def _deb(pkg: str) -> str:
+    return _cmd(["dpkg-query", "-W", "-f", "${Version}", pkg])
+
+
+def machine(relay_rev: Optional[str]) -> dict[str, Any]:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+    git_rev = _cmd(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", "relay"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(int(mem) / (1 << 20), 1),
+        "kernel": platform.release(),
+        "os": _cmd(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
+        "python": platform.python_version(),
+        "openssh": _cmd(["ssh", "-V"]),
+        "dante": _deb("dante-server"),
+        "proxychains4": _deb("proxychains4"),
+        "iperf3": _deb("iperf3"),
+        "asyncssh": _version("asyncssh"),
+        "uvloop": _version("uvloop"),
+        "cryptography": _version("cryptography"),
+        "pproxy": _version("pproxy"),
+        "relay": relay_rev or f"{git_rev} (work tree{', relay/ modified' if dirty else ''})",
+        "rlimit_nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
+        "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+class Runner:
+    def __init__(self, bench: Bench, params: dict[str, Any], deadline: float) -> None:
+        self.b = bench
+        self.p = params
+        self.deadline = deadline
+        self.results: dict[str, Any] = {}
+        self.iperf_port = 0
+
+    def chains(self, names: tuple[str, ...] = CHAINS) -> list[Chain]:
+        return [self.b.chains[n] for n in names if n in self.b.chains]
+
+    def cpu(self, chain: Chain) -> dict[str, float]:
+        return {role: procstat.tree_cpu([pid]) for role, pid in chain.roles.items()}
+
+    def client(
+        self, chain: Chain, args: list[str], wan: bool = False, timeout: float = 600
+    ) -> tuple[dict[str, Any], float]:
+        """Run one client process; returns its JSON and its own CPU seconds."""
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        argv = chain.wrap([sys.executable, "-m", "bench.client", *args], wan=wan)
+        out = subprocess.run(
+            argv, capture_output=True, text=True, env=self.b.env, timeout=timeout, check=False
+        )
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        own = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        try:
+            return json.loads(out.stdout), own
+        except json.JSONDecodeError:
+            raise RuntimeError(
+                f"{chain.name} client {args[0]} failed: {out.stderr[-2000:]}"
+            ) from None
+
+    def out_of_time(self, what: str) -> bool:
+        if time.monotonic() > self.deadline:
+            log(f"time budget spent: skipping the rest of {what}")
+            self.results.setdefault("skipped", []).append(what)
+            return True
+        return False
+
+    # -- bulk -----------------------------------------------------------------------------
+    def bulk(self) -> None:
+        size, reps = self.p["bulk_size"], self.p["bulk_reps"]
+        digest = expected_digest(size)
+        res: dict[str, dict[str, list[Any]]] = {}
+        self.iperf_port = free_port()
+        self.b.spawn(
+            "iperf3-server",
+            ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(self.iperf_port)],
+            port=self.iperf_port,
+        )
+        for rep in range(reps):
+            if self.out_of_time("bulk"):
+                break
+            for direction in ("up", "down"):
+                res.setdefault("direct-iperf3", {}).setdefault(direction, []).append(
+                    self.iperf(size, direction)
+                )
+                for chain in self.chains():
+                    run = self.bulk_one(chain, direction, size, digest)
+                    res.setdefault(chain.name, {}).setdefault(direction, []).append(run)
+                    log(
+                        f"bulk {rep + 1}/{reps} {direction:4} {chain.name:14} "
+                        f"{run['mb_s']:7.0f} MB/s  chain CPU {run['cpu_per_gib']:.2f} s/GiB"
+                        f"{'' if run['ok'] else '  CHECKSUM/LENGTH MISMATCH'}"
+                    )
+        self.results["bulk"] = {"size": size, "sha256": digest, "runs": res}
+
+    def iperf(self, size: int, direction: str) -> dict[str, Any]:
+        argv = ["iperf3", "-c", "127.0.0.1", "-p", str(self.iperf_port), "-n", str(size), "-J"]
+        if direction == "down":
+            argv.append("-R")
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+        data = json.loads(out.stdout)
+        bps = data["end"]["sum_received"]["bits_per_second"]
+        return {"mb_s": bps / 8 / 1e6, "ok": None, "cpu_per_gib": 0.0, "cpu": {}}
+
+    def bulk_one(self, chain: Chain, direction: str, size: int, digest: str) -> dict[str, Any]:
+        cpu0, sink0 = self.cpu(chain), procstat.tree_cpu([self.b.sink_pid])
+        result, client_cpu = self.client(
+            chain,
+            [direction, "--port", str(self.b.bulk_port), "--size", str(size), "--expect", digest],
+        )
+        cpu1, sink1 = self.cpu(chain), procstat.tree_cpu([self.b.sink_pid])
+        cpu = {role: round(cpu1[role] - cpu0[role], 3) for role in cpu0}
+        total = sum(cpu.values())
+        return {
+            "mb_s": result["bytes"] / result["seconds"] / 1e6,
+            "seconds": result["seconds"],
+            "ok": bool(result["ok"]),
+            "cpu": cpu,
+            "cpu_total": round(total, 3),
+            "cpu_per_gib": total / (size / (1 << 30)),
+            "client_cpu": round(client_cpu, 3),
+            "sink_cpu": round(sink1 - sink0, 3),
+        }
+
+    # -- setup latency --------------------------------------------------------------------
+    def latency(self, wan: bool) -> None:
+        key = "wan" if wan else "latency"
+        count = self.p["wan_count" if wan else "lat_count"]
+        blocks = self.p["wan_blocks" if wan else "lat_blocks"]
+        per = max(1, count // blocks)
+        port = self.b.wan_echo_port if wan else self.b.echo_port
+        res: dict[str, dict[str, Any]] = {}
+        for block in range(blocks):
+            if self.out_of_time(key):
+                break
+            for chain in self.chains():
+                cpu0 = self.cpu(chain)
+                result, _ = self.client(
+                    chain, ["latency", "--port", str(port), "--count", str(per)], wan=wan
+                )
+                cpu1 = self.cpu(chain)
+                samples = result["samples"]
+                entry = res.setdefault(chain.name, {"samples": [], "blocks": [], "errors": 0})
+                entry["samples"].extend(round(s, 7) for s in samples)
+                entry["errors"] += result["errors"]
+                cpu = sum(cpu1[r] - cpu0[r] for r in cpu0)
+                entry["blocks"].append(
+                    {
+                        "median": statistics.median(samples) if samples else None,
+                        "count": len(samples),
+                        "cpu_ms_per_conn": 1000 * cpu / max(1, len(samples)),
+                    }
+                )
+                med = statistics.median(samples) * 1000 if samples else float("nan")
+                log(
+                    f"{key} {block + 1}/{blocks} {chain.name:14} median {med:8.3f} ms"
+                    f" ({len(samples)} ok, {result['errors']} errors)"
+                )
+        self.results[key] = res
+
+    # -- connection rate ------------------------------------------------------------------
+    def rate(self) -> None:
+        seconds, procs = self.p["rate_seconds"], self.p["rate_procs"]
+        res: dict[str, list[Any]] = {}
+        for rnd in range(self.p["rate_rounds"]):
+            if self.out_of_time("rate"):
+                break
+            for chain in self.chains():
+                start_at = time.time() + 1.5
+                argv = chain.wrap(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.client",
+                        "rate",
+                        "--port",
+                        str(self.b.echo_port),
+                        "--start-at",
+                        str(start_at),
+                        "--seconds",
+                        str(seconds),
+                    ]
+                )
+                popens = [
+                    subprocess.Popen(
+                        argv,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                        env=self.b.env,
+                    )
+                    for _ in range(procs)
+                ]
+                time.sleep(max(0.0, start_at - time.time()))
+                cpu0 = self.cpu(chain)
+                outs = [p.communicate(timeout=seconds + 120) for p in popens]
+                cpu1 = self.cpu(chain)
+                ok = errors = 0
+                took = 0.0
+                for out, err in outs:
+                    try:
+                        data = json.loads(out)
+                    except json.JSONDecodeError:
+                        raise RuntimeError(
+                            f"{chain.name} rate client failed: {err[-2000:]}"
+                        ) from None
+                    ok, errors = ok + data["ok"], errors + data["errors"]
+                    took = max(took, data["seconds"])
+                cpu = sum(cpu1[r] - cpu0[r] for r in cpu0)
+                run = {
+                    "cps": ok / took,
+                    "ok": ok,
+                    "errors": errors,
+                    "seconds": took,
+                    "procs": procs,
+                    "cpu_ms_per_conn": 1000 * cpu / max(1, ok),
+                }
+                res.setdefault(chain.name, []).append(run)
+                log(
+                    f"rate {rnd + 1} {chain.name:14} {run['cps']:7.0f} conn/s "
+                    f"({errors} errors, {run['cpu_ms_per_conn']:.2f} CPU-ms/conn)"
+                )
+        self.results["rate"] = res
+
+    # -- idle streams ---------------------------------------------------------------------
+    def idle(self) -> None:
+        res: dict[str, Any] = {}
+        for name, count in self.p["idle"].items():
+            if name not in self.b.chains or self.out_of_time("idle"):
+                continue
+            res[name] = self.idle_one(self.b.chains[name], count)
+        self.results["idle"] = res
+
+    def idle_one(self, chain: Chain, count: int) -> dict[str, Any]:
+        window = self.p["idle_window"]
+        mem0 = {role: procstat.tree_memory([pid]) for role, pid in chain.roles.items()}
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.idle",
+            "--proxy",
+            str(chain.socks_port),
+            "--target",
+            str(self.b.echo_port),
+            "--count",
+            str(count),
+        ]
+        if chain.socks_auth:
+            argv += ["--auth", chain.socks_auth]
+        if chain.via_port:
+            argv += ["--via", str(chain.via_port)]
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=(self.b.workdir / f"idle-{chain.name}.log").open("w"),
+            text=True,
+            env=self.b.env,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            opened = json.loads(proc.stdout.readline() or "{}")
+            n = int(opened.get("opened", 0))
+            log(
+                f"idle {chain.name}: {n} of {count} streams open in "
+                f"{opened.get('seconds', 0):.1f}s ({opened.get('failed')} failed)"
+            )
+            time.sleep(2.0)
+            mem1 = {role: procstat.tree_memory([pid]) for role, pid in chain.roles.items()}
+            cpu0 = self.cpu(chain)
+            time.sleep(window)
+            cpu1 = self.cpu(chain)
+            proc.stdin.write("check\n")
+            proc.stdin.flush()
+            check = json.loads(proc.stdout.readline() or "{}")
+            proc.stdin.write("close\n")
+            proc.stdin.flush()
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        memory: dict[str, dict[str, Any]] = {}
+        for role in mem0:
+            memory[role] = {
+                "before": mem0[role],
+                "after": mem1[role],
+                "rss_per_stream": (mem1[role]["rss"] - mem0[role]["rss"]) / max(1, n),
+                "pss_per_stream": (mem1[role]["pss"] - mem0[role]["pss"]) / max(1, n),
+            }
+        cpu = {role: cpu1[role] - cpu0[role] for role in cpu0}
+        log(
+            f"idle {chain.name}: "
+            + ", ".join(
+                f"{r} {m['pss_per_stream'] / 1024:.1f} KiB/stream PSS" for r, m in memory.items()
+            )
+            + f"; CPU over {window:.0f}s: "
+            + ", ".join(f"{r} {c:.2f}s" for r, c in cpu.items())
+            + f"; alive after idle: {check.get('alive')}/{n}"
+        )
+        return {
+            "requested": count,
+            "opened": opened,
+            "streams": n,
+            "memory": memory,
+            "cpu": cpu,
+            "window": window,
+            "check": check,
+        }
+
+
+def relay_source(rev: Optional[str], workdir: Path) -> Optional[str]:
+    """PYTHONPATH for the relay daemons: the work tree, or ``git archive REV`` of relay/."""
+    if not rev:
+        return None
+    target = workdir / "relay-src"
+    target.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev, "relay"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return str(target)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", dest="mode", const="quick")
+    mode.add_argument("--full", action="store_const", dest="mode", const="full")
+    parser.add_argument(
+        "--only",
+        default="latency,wan,bulk,rate,idle",
+        help="comma-separated steps (latency, wan, bulk, rate, idle)",
+    )
+    parser.add_argument("--chains", default=",".join(CHAINS), help="comma-separated chains")
+    parser.add_argument(
+        "--relay-rev",
+        default=None,
+        help="measure the relay as committed at this git revision (git archive)"
+        " instead of the work tree",
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=40.0,
+        help="time budget; steps left when it is spent are skipped and listed",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="results directory")
+    parser.add_argument(
+        "--update-docs", action="store_true", help="put the summary into docs/PERFORMANCE.md"
+    )
+    parser.add_argument("--keep-workdir", action="store_true")
+    args = parser.parse_args(argv)
+    args.mode = args.mode or "quick"
+    params = MODES[args.mode]
+    steps = [s.strip() for s in args.only.split(",") if s.strip()]
+    wanted = [c.strip() for c in args.chains.split(",") if c.strip()]
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if shutil.which("iperf3") is None or not Path("/usr/sbin/danted").exists():
+        print("bench: needs the Debian packages in bench/install-debs", file=sys.stderr)
+        return 2
+    started = datetime.now(timezone.utc)
+    run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + args.mode
+    out = args.out or RESULTS / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="hrbench-"))
+    command = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    meta = machine(args.relay_rev)
+    meta.update(
+        {
+            "run_id": run_id,
+            "mode": args.mode,
+            "params": params,
+            "command": command,
+            "started": started.isoformat(timespec="seconds"),
+            "steps": steps,
+        }
+    )
+    log(f"{run_id}: {command}; work dir {workdir}")
+    bench = Bench(workdir, relay_source(args.relay_rev, workdir))
+    runner = Runner(bench, params, time.monotonic() + args.max_minutes * 60)
+    results: dict[str, Any] = {"meta": meta}
+    try:
+        bench.start_sink()
+        for name in wanted:
+            if name == "direct":
+                bench.add_direct()
+            elif name == "old-chain":
+                bench.add_old_chain("old-chain", None)
+            elif name == "old-chain-gcm":
+                bench.add_old_chain("old-chain-gcm", "aes128-gcm@openssh.com")
+            elif name == "relay":
+                bench.add_relay()
+            elif name == "pproxy":
+                bench.add_pproxy()
+        if "wan" in steps:
+            bench.add_wan()
+        results["chains"] = {
+            n: {"description": c.description, "roles": list(c.roles)}
+            for n, c in bench.chains.items()
+        }
+        log("chains up: " + ", ".join(bench.chains))
+        for step in steps:
+            if step == "latency":
+                runner.latency(wan=False)
+            elif step == "wan":
+                runner.latency(wan=True)
+            elif step == "bulk":
+                runner.bulk()
+            elif step == "rate":
+                runner.rate()
+            elif step == "idle":
+                runner.idle()
+            results.update(runner.results)
+    finally:
+        bench.close()
+        meta["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        meta["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+        results.update(runner.results)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        if not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    from bench import report
+
+    summary = report.write(results, out)
+    log(f"results: {out / 'results.json'}; summary: {summary}")
+    if args.update_docs:
+        report.update_docs(out)
+        log("docs/PERFORMANCE.md updated")
+    return 0

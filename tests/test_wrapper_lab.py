@@ -7,11 +7,16 @@ Python socket program plus curl, neither told about any proxy."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.lab.netns import Lab
 from tests.lab.relays import scrape, start_exit
@@ -23,10 +28,29 @@ WEB_PORT = 8080  # likewise
 DIRECT_PORT = 7002  # on the login node: reachable from the worker without the relay
 FORWARD_PORT = 17001
 DRONE = "drone-0123abcd"
+NAME = "collector.relay-lab.test"  # known only to the outside namespace's resolver
+
+
+@pytest.fixture
+def outside_hosts(lab: Lab) -> Iterator[None]:
+    """/etc/hosts for processes started in the outside namespace only (`ip netns exec` mounts
+    /etc/netns/NS/hosts over /etc/hosts), so only the exit can resolve NAME."""
+    parent = Path("/etc/netns")
+    made_parent = not parent.exists()
+    directory = parent / lab.outside
+    directory.mkdir(parents=True)
+    try:
+        (directory / "hosts").write_text(f"127.0.0.1 localhost\n{lab.outside_ip} {NAME}\n")
+        yield
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        if made_parent:
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # only if empty: a parallel run may be using it
 
 
 def test_standin_glidein_reaches_the_outside_only_through_the_relay(
-    lab: Lab, lab_login_sshd: Sshd, tmp_path: Path
+    lab: Lab, lab_login_sshd: Sshd, tmp_path: Path, outside_hosts: None
 ) -> None:
     outside = lab.outside_ip
     lab.start_echo_server(lab.outside, outside, ECHO_PORT)
@@ -55,7 +79,7 @@ def test_standin_glidein_reaches_the_outside_only_through_the_relay(
         config, "--probe", f"{outside}:{ECHO_PORT}", "--direct", "192.0.2.0/24",
         "--drone-uuid", DRONE, "--container-env", "--ready-timeout", "30",
         command=standin(
-            report, "--echo", f"{outside}:{ECHO_PORT}", "--idle", str(idle),
+            report, "--echo", f"{NAME}:{ECHO_PORT}", "--idle", str(idle),
             "--direct", f"{lab.login_ip}:{DIRECT_PORT}", "--forward", f"127.0.0.1:{FORWARD_PORT}",
             "--curl", url, "--curl-interposer", url, "--curl-proxy", url, "--curl-bad-proxy", url,
         ),
@@ -65,7 +89,8 @@ def test_standin_glidein_reaches_the_outside_only_through_the_relay(
     assert proc.wait(timeout=90) == 0, log.read_text()
     result = read_report(report)
 
-    # plain sockets, through the interposer: works, and survives idling through the firewall
+    # plain sockets, through the interposer, to a name only the exit can resolve (remote
+    # DNS): works, and survives idling through the firewall
     assert result["echo"] == {"first": True, "after_idle": True, "error": None}, result
     # the --direct destination was reached without the relay
     assert result["direct"] == {"first": True, "after_idle": None, "error": None}, result
@@ -109,7 +134,7 @@ def test_standin_glidein_reaches_the_outside_only_through_the_relay(
     # the exit saw the relayed streams, and none to the direct destination
     exit_log = exit_daemon.log_text()
     closed = [line for line in exit_log.splitlines() if "stream closed" in line]
-    assert any(f"dest={outside}:{ECHO_PORT}" in line and "result=ok" in line for line in closed)
+    assert any(f"dest={NAME}:{ECHO_PORT}" in line and "result=ok" in line for line in closed)
     assert sum(f"dest={outside}:{WEB_PORT}" in line for line in closed) >= 3, exit_log
     assert not any(lab.login_ip in line for line in closed)
     metrics = scrape(lab, lab.outside, f"http://{outside}:9100/metrics")

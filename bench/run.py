@@ -452,9 +452,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         "--update-docs", action="store_true", help="put the summary into docs/PERFORMANCE.md"
     )
     parser.add_argument("--keep-workdir", action="store_true")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override a mode parameter, e.g. --set bulk_reps=3 --set 'idle={\"relay\": 1000}'",
+    )
     args = parser.parse_args(argv)
     args.mode = args.mode or "quick"
-    params = MODES[args.mode]
+    params = dict(MODES[args.mode])
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in params:
+            parser.error(f"--set: unknown parameter {key!r} (known: {', '.join(params)})")
+        params[key] = json.loads(value)
     steps = [s.strip() for s in args.only.split(",") if s.strip()]
     wanted = [c.strip() for c in args.chains.split(",") if c.strip()]
 

@@ -145,7 +145,7 @@ class InProcessCheck(Check):
         self.hop = "exit"
         self._current = probe
         try:
-            carrier, opened = await worker.open_carrier(probe.host, probe.port)
+            carrier, opened, _ = await worker.open_carrier(probe.host, probe.port)
         except OpenFailed as exc:
             lost_ssh = worker.ssh is not None and not worker.ssh.connected
             raise NotReady("ssh" if lost_ssh else "exit", str(exc)) from None

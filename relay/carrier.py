@@ -54,23 +54,30 @@ class CarrierBase:
         self.opener = opener
         self.link.write(opener.first_flight())
 
-    def attach(self, pump: TunnelPump) -> None:
-        """Give the data phase to ``pump`` (also after a resume onto this carrier)."""
+    def attach(self, pump: TunnelPump, peer_offset: int = 0) -> int:
+        """Give the data phase to ``pump`` (also after a resume onto this carrier).
+
+        Returns the bytes the pump sent again because the peer had not received them.
+        """
         self.pump = pump
         held = b"".join(self._held)
         self._held.clear()
         if self.opener is not None:
             held = self.opener.trailing() + held
             self.opener = None
-        pump.attach_carrier(self.link, held)
+        replayed = pump.attach_carrier(self.link, held, peer_offset)
         if self._lost is not None:
-            pump.carrier_lost(self._lost)
-        else:
-            self.link.resume_reading()
+            pump.carrier_lost(self._lost, self.link)
+        return replayed
+
+    def _current(self) -> bool:
+        """True while this carrier is the one its stream uses (not one replaced by a resume)."""
+        return self.pump is not None and self.pump.carrier is self.link
 
     def _on_bytes(self, data: bytes) -> None:
         if self.pump is not None:
-            self.pump.carrier_data(data)
+            if self.pump.carrier is self.link:
+                self.pump.carrier_data(data)
             return
         if self.opened.done():
             self._held.append(data)
@@ -98,7 +105,7 @@ class CarrierBase:
 
     def _on_closed(self, why: str) -> None:
         if self.pump is not None:
-            self.pump.carrier_lost(why)
+            self.pump.carrier_lost(why, self.link)
         elif not self.opened.done():
             self.opened.set_exception(ConnectionError(f"carrier closed during handshake: {why}"))
         else:
@@ -110,11 +117,13 @@ class CarrierBase:
         self.link.close()
 
     def _pause(self) -> None:
-        if self.pump is not None:
+        if self._current():
+            assert self.pump is not None
             self.pump.carrier_pause_writing()
 
     def _resume(self) -> None:
-        if self.pump is not None:
+        if self._current():
+            assert self.pump is not None
             self.pump.carrier_resume_writing()
 
 
@@ -180,4 +189,19 @@ def new_opener(
         nonce=os.urandom(hl.NONCE_SIZE),
         heartbeat_ms=int(heartbeat * 1000),
         destination=destination,
+    )
+
+
+def resume_opener(
+    session_key: bytes, key_id: str, heartbeat: float, session_id: bytes, recv_offset: int
+) -> TunnelOpener:
+    """HELLO for an existing session, signed with its session key; no CONNECT follows."""
+    return TunnelOpener(
+        key=session_key,
+        key_id=key_id,
+        now_ms=int(time.time() * 1000),
+        nonce=os.urandom(hl.NONCE_SIZE),
+        heartbeat_ms=int(heartbeat * 1000),
+        session_id=session_id,
+        recv_offset=recv_offset,
     )

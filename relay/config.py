@@ -377,6 +377,27 @@ WORKER_OPTIONS: tuple[Option, ...] = (
         15.0,
         "seconds to wait for an SSH login or a connection to the exit or upstream",
     ),
+    _seconds(
+        "reconnect-max",
+        30.0,
+        "longest wait between attempts to get a lost carrier back (exponential backoff with"
+        " jitter, starting at 0.25 s)",
+    ),
+    Option(
+        "ssh-connect-rate",
+        "float",
+        4.0,
+        "most new SSH connections per minute to each login node (sites block bursts of logins)",
+        metavar="PER_MINUTE",
+        min=0,
+        min_exclusive=True,
+    ),
+    _seconds(
+        "resume-timeout",
+        600.0,
+        "seconds a stream waits for its carrier to come back before the application's"
+        " connection is reset (match relay-exit's --resume-timeout)",
+    ),
     _tcp_keepalive("worker"),
     _REPLAY_BUFFER,
     _METRICS,
@@ -434,6 +455,9 @@ class WorkerConfig:
     heartbeat_misses: int
     ssh_keepalive: float
     connect_timeout: float
+    reconnect_max: float
+    ssh_connect_rate: float
+    resume_timeout: float
     tcp_keepalive: float
     replay_buffer: int
     metrics: HostPort | None

@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any, Optional, Union
 
 from relay.addresses import format_hostport
@@ -21,7 +21,7 @@ from relay.proto import ProtocolError
 from relay.proto import hello as hl
 from relay.proto import socks5 as s5
 from relay.proto.stream import TunnelStream
-from relay.pump import PlainProtocol, RawPump, StreamInfo, TunnelPump
+from relay.pump import PARK_EXPIRED, PlainProtocol, RawPump, StreamInfo, TunnelPump
 from relay.secrets import load_keys
 from relay.sockopts import set_keepalive, set_nodelay, transport_socket
 
@@ -48,6 +48,8 @@ class ExitSettings:
         self.max_handshakes: int = kwargs.pop("max_handshakes", 1000)
         self.tcp_keepalive: float = kwargs.pop("tcp_keepalive", 60.0)
         self.replay_buffer: int = kwargs.pop("replay_buffer", 4 * 1024 * 1024)
+        self.resume_timeout: float = kwargs.pop("resume_timeout", 600.0)
+        self.max_parked: int = kwargs.pop("max_parked", 10000)
         self.metrics_host: Optional[str] = kwargs.pop("metrics_host", None)
         self.metrics_port: int = kwargs.pop("metrics_port", 0)
         if kwargs:
@@ -70,6 +72,8 @@ class ExitSettings:
             max_handshakes=cfg.max_handshakes,
             tcp_keepalive=cfg.tcp_keepalive,
             replay_buffer=cfg.replay_buffer,
+            resume_timeout=cfg.resume_timeout,
+            max_parked=cfg.max_parked,
             metrics_host=cfg.metrics.host if cfg.metrics else None,
             metrics_port=cfg.metrics.port if cfg.metrics else 0,
         )
@@ -84,6 +88,11 @@ class RelayExit(Daemon):
         self.guard = hl.ReplayGuard()
         self.handshakes = 0
         self.streams_per_key: Counter[str] = Counter()
+        self.sessions: dict[bytes, ExitSession] = {}
+        self._session_of: dict[TunnelPump, bytes] = {}
+        self.parked = 0
+        self._expired: OrderedDict[bytes, None] = OrderedDict()
+        self._stopping = False
 
     async def start(self) -> None:
         s = self.settings
@@ -127,12 +136,107 @@ class RelayExit(Daemon):
             },
         )
 
+    # -- sessions -------------------------------------------------------------------------
+    def register(self, session: ExitSession) -> None:
+        self.sessions[session.session_id] = session
+        self._session_of[session.pump] = session.session_id
+
+    def carrier_lost(self, pump: TunnelPump, why: str) -> bool:
+        """Park the session: keep the destination open for the worker to come back."""
+        sid = self._session_of.get(pump)
+        if sid is None or self._stopping:
+            return False
+        if self.parked >= self.settings.max_parked:
+            self.metrics.limit_hits.labels("parked").inc()
+            log.warning("too many parked sessions; resetting a stream whose carrier died")
+            return False
+        session = self.sessions[sid]
+        session.conn = None
+        self._park(session)
+        log.info(
+            "session parked",
+            extra={
+                "fields": {
+                    "stream": pump.info.stream_id,
+                    "key": pump.info.key_id,
+                    "dest": pump.info.destination,
+                    "why": why,
+                }
+            },
+        )
+        return True
+
+    def _park(self, session: ExitSession) -> None:
+        if session.expiry is not None:
+            return
+        self.parked += 1
+        self.metrics.parked.inc()
+        session.parked_at = time.monotonic()
+        loop = asyncio.get_running_loop()
+        session.expiry = loop.call_later(self.settings.resume_timeout, self._expire, session)
+
+    def unpark(self, session: ExitSession) -> float:
+        """Take a session out of the parking; returns how long it waited."""
+        if session.expiry is None:
+            return 0.0
+        session.expiry.cancel()
+        session.expiry = None
+        self.parked -= 1
+        self.metrics.parked.dec()
+        return time.monotonic() - session.parked_at
+
+    def _expire(self, session: ExitSession) -> None:
+        session.expiry = None
+        self.parked -= 1
+        self.metrics.parked.dec()
+        self.metrics.resumes.labels("expired").inc()
+        timeout = self.settings.resume_timeout
+        session.pump.abandon(PARK_EXPIRED, f"no resume within {timeout:.0f}s")
+
+    def forget(self, pump: TunnelPump) -> None:
+        sid = self._session_of.pop(pump, None)
+        session = self.sessions.pop(sid, None) if sid is not None else None
+        if session is None:
+            return
+        self.unpark(session)
+        self._expired[session.session_id] = None
+        while len(self._expired) > EXPIRED_REMEMBERED:
+            self._expired.popitem(last=False)
+
+    def was_expired(self, session_id: bytes) -> bool:
+        return session_id in self._expired
+
+    async def stop(self) -> None:
+        self._stopping = True
+        await super().stop()
+
     def stream_done(self, pump: Union[TunnelPump, RawPump], result: str) -> None:
         super().stream_done(pump, result)
+        if isinstance(pump, TunnelPump):
+            self.forget(pump)
         key = pump.info.key_id
         self.streams_per_key[key] -= 1
         if self.streams_per_key[key] <= 0:
             del self.streams_per_key[key]
+
+
+EXPIRED_REMEMBERED = 10000
+"""Ended sessions remembered, so a late resume is reported as expired, not unknown."""
+
+
+class ExitSession:
+    """A tunnelled stream the worker may resume: its pump, key and parking state."""
+
+    __slots__ = ("conn", "expiry", "key", "key_id", "parked_at", "pump", "session_id")
+
+    def __init__(self, session_id: bytes, key_id: str, key: bytes, pump: TunnelPump) -> None:
+        self.session_id = session_id
+        self.key_id = key_id
+        self.key = key
+        self.pump = pump
+        self.conn: Optional[ExitConnection] = None
+        self.parked_at = 0.0
+        self.expiry: Optional[asyncio.TimerHandle] = None
 
 
 class ExitConnection(PlainProtocol):
@@ -147,6 +251,8 @@ class ExitConnection(PlainProtocol):
         self.tunnel: Optional[TunnelPump] = None
         self.key_id = ""
         self.heartbeat_ms = 0
+        self.session_id = hl.NEW_SESSION
+        self.session_key = b""
         self.in_handshake = True
         self.started = 0.0
         self._timer: Optional[asyncio.TimerHandle] = None
@@ -181,7 +287,7 @@ class ExitConnection(PlainProtocol):
 
     def eof_received(self) -> bool:
         if self.tunnel is not None:
-            self.tunnel.carrier_lost("carrier closed without FIN")
+            self.tunnel.carrier_lost("carrier closed without FIN", self.transport)
             return False
         if self.in_handshake:
             self._fail("handshake", "peer closed during handshake")
@@ -193,18 +299,18 @@ class ExitConnection(PlainProtocol):
         self.exit.connections.discard(self)
         self._end_handshake()
         if self.tunnel is not None:
-            self.tunnel.carrier_lost(str(exc) if exc else "carrier closed")
+            self.tunnel.carrier_lost(str(exc) if exc else "carrier closed", self.transport)
         elif not self.in_handshake:
             super().connection_lost(exc)
 
     def pause_writing(self) -> None:
-        if self.tunnel is not None:
+        if self.tunnel is not None and self.tunnel.carrier is self.transport:
             self.tunnel.carrier_pause_writing()
         else:
             super().pause_writing()
 
     def resume_writing(self) -> None:
-        if self.tunnel is not None:
+        if self.tunnel is not None and self.tunnel.carrier is self.transport:
             self.tunnel.carrier_resume_writing()
         else:
             super().resume_writing()
@@ -307,9 +413,7 @@ class ExitConnection(PlainProtocol):
         settings = self.exit.settings
         secret = settings.keys.get(hello.key_id)
         if hello.is_resume:
-            # Sessions are not parked in this version: every resume is for an unknown session.
-            self.metrics.resumes.labels("unknown").inc()
-            return self._hello_refused(hello, hl.UNKNOWN_SESSION, "unknown-session")
+            return self._on_resume(hello)
         if secret is None:
             return self._hello_refused(hello, hl.BAD_AUTH, "unknown-key")
         if not hl.verify_hello(hello, secret):
@@ -324,6 +428,8 @@ class ExitConnection(PlainProtocol):
         self.heartbeat_ms = max(MIN_HEARTBEAT_MS, min(ours, hello.heartbeat_ms or ours))
         session_id = os.urandom(hl.SESSION_ID_SIZE)
         nonce = os.urandom(hl.NONCE_SIZE)
+        self.session_id = session_id
+        self.session_key = hl.session_key(secret, hello.nonce, nonce, session_id)
         self.transport.write(
             hl.encode_reply(
                 secret, hello.mac, hl.OK, session_id, 0, self.heartbeat_ms, nonce, now_ms
@@ -331,6 +437,64 @@ class ExitConnection(PlainProtocol):
         )
         self.socks.subnegotiation_done(True)
         return True
+
+    def _on_resume(self, hello: hl.Hello) -> bool:
+        """A worker wants its session back on this new carrier."""
+        assert self.transport is not None
+        relay_exit = self.exit
+        session = relay_exit.sessions.get(hello.session_id)
+        if session is None or session.pump.done is not None:
+            result = "expired" if relay_exit.was_expired(hello.session_id) else "unknown"
+            self.metrics.resumes.labels(result).inc()
+            return self._hello_refused(hello, hl.UNKNOWN_SESSION, f"resume-{result}")
+        if session.key_id != hello.key_id or not hl.verify_hello(hello, session.key):
+            self.metrics.resumes.labels("bad-auth").inc()
+            return self._hello_refused(hello, hl.BAD_AUTH, "resume-bad-mac")
+        now_ms = int(time.time() * 1000)
+        status = relay_exit.guard.check(hello.timestamp_ms, hello.nonce, now_ms)
+        if status != hl.OK:
+            reason = {hl.CLOCK_SKEW: "clock-skew", hl.REPLAY: "replay"}.get(status, "busy")
+            self.metrics.resumes.labels(reason).inc()
+            return self._hello_refused(hello, status, f"resume-{reason}")
+        pump = session.pump
+        if pump.carrier is not None:
+            # The old carrier is dead but we have not noticed yet (black-holed): replace it.
+            old = session.conn
+            pump.carrier_lost("replaced by a resume")
+            if old is not None:
+                old.tunnel = None
+                old.abort()
+            if pump.done is not None:
+                self.metrics.resumes.labels("unknown").inc()
+                return self._hello_refused(hello, hl.UNKNOWN_SESSION, "resume-unknown")
+        gap = relay_exit.unpark(session)
+        self.key_id = hello.key_id
+        self._end_handshake()
+        heartbeat_ms = int(pump.stream.heartbeat * 1000)
+        self.transport.write(
+            hl.encode_reply(
+                session.key, hello.mac, hl.OK, session.session_id, pump.stream.recv_offset,
+                heartbeat_ms, os.urandom(hl.NONCE_SIZE), now_ms,
+            )
+        )  # fmt: skip
+        session.conn = self
+        self.tunnel = pump
+        replayed = pump.attach_carrier(self.transport, self.socks.trailing(), hello.recv_offset)
+        self.metrics.resumes.labels("ok").inc()
+        log.info(
+            "stream resumed",
+            extra={
+                "fields": {
+                    "stream": pump.info.stream_id,
+                    "key": pump.info.key_id,
+                    "dest": pump.info.destination,
+                    "gap": round(gap, 3),
+                    "replayed": replayed,
+                    "received": pump.stream.recv_offset,
+                }
+            },
+        )
+        return False
 
     def _hello_refused(self, hello: hl.Hello, status: int, reason: str) -> bool:
         self.metrics.auth_failures.labels(reason).inc()
@@ -470,9 +634,17 @@ class ExitConnection(PlainProtocol):
                 leads_heartbeat=False,
             )
             pump = TunnelPump(
-                stream, info, self.metrics, plain_is_client=False, on_done=relay_exit.stream_done
+                stream,
+                info,
+                self.metrics,
+                plain_is_client=False,
+                on_done=relay_exit.stream_done,
+                on_carrier_lost=relay_exit.carrier_lost,
             )
             relay_exit.pumps.add(pump)
+            session = ExitSession(self.session_id, self.key_id, self.session_key, pump)
+            session.conn = self
+            relay_exit.register(session)
             self.tunnel = pump
             pump.attach_plain(dest)
             pump.attach_carrier(self.transport, early)

@@ -26,6 +26,8 @@ log = logging.getLogger("relay.stream")
 # Reasons a stream ends; also the ``result`` label of relay_streams_total.
 OK = "ok"
 RESET = "reset"
+RESUME_FAILED = "resume-failed"
+PARK_EXPIRED = "park-expired"
 PEER_RESET = "peer-reset"
 CARRIER_LOST = "carrier-lost"
 HEARTBEAT_TIMEOUT = "heartbeat-timeout"
@@ -176,7 +178,6 @@ class TunnelPump:
         self._carrier_reading = _Pausable()
         self._plain_eof_seen = False
         self._plain_eof_written = False
-        self._held: list[bytes] = []
         self._replay_reported = 0
         self._timer: Optional[asyncio.TimerHandle] = None
         self._sent_unflushed = 0
@@ -190,50 +191,70 @@ class TunnelPump:
         self.plain = protocol.transport
         self._plain_reading.target = self.plain
         self._plain_reading.reasons.clear()
-        if self.carrier is None:
-            self._plain_reading.pause("no-carrier")
         protocol.attach(self)
         if self.done is None and self.plain is not None:
             self.plain.resume_reading()
             if self._plain_reading.reasons:
                 self.plain.pause_reading()
 
-    def attach_carrier(self, carrier: Any, early: bytes = b"") -> None:
-        """Start (or, after a resume, continue) the data phase on ``carrier``."""
+    def attach_carrier(self, carrier: Any, early: bytes = b"", peer_offset: int = 0) -> int:
+        """Start the data phase on ``carrier``, or continue it there after a resume.
+
+        Everything the peer has not received (it told us ``peer_offset`` in its HELLO) is
+        sent again first, FIN included. Returns the number of bytes replayed.
+        """
+        if self.done is not None:
+            return 0
+        stream = self.stream
+        try:
+            pieces = stream.resume(peer_offset, self.loop.time())
+        except ProtocolError as exc:
+            self.metrics.protocol_errors.labels("resume").inc()
+            self._set_carrier(carrier)
+            self._reset_carrier(fr.RST_PROTOCOL, str(exc))
+            self._reset_plain()
+            self._finish(PROTOCOL_ERROR, str(exc))
+            return 0
         self._set_carrier(carrier)
         self._carrier_reading.target = carrier
-        self._carrier_reading.reasons.clear()
-        held, self._held = self._held, []
-        for data in held:
-            self.plain_data(data)
-        if self._plain_eof_seen and not self.stream.fin_sent:
-            self.plain_eof()
-        self._plain_reading.resume("no-carrier")
+        if pieces and not self._send(pieces):
+            return 0
         self._plain_reading.resume("carrier-full")
+        if stream.window > 0:
+            self._plain_reading.resume("window")
         self._schedule()
+        replayed = stream.send_offset - peer_offset
         if early:
             self.carrier_data(early)
+        # Only now read on: resuming may hand over bytes the carrier queued, which must come
+        # after ``early``. A full application side stays a reason not to read.
+        if self.carrier is carrier:
+            if self._carrier_reading.reasons:
+                carrier.pause_reading()
+            else:
+                carrier.resume_reading()
+        return replayed
 
     # -- plain side -----------------------------------------------------------------------
     def plain_data(self, data: bytes) -> None:
         if self.done is not None:
             return
-        if self.carrier is None:
-            # Before the first carrier or between carriers: hold, in order, and stop reading.
-            self._held.append(data)
-            self._plain_reading.pause("no-carrier")
-            return
         stream = self.stream
-        self.carrier.writelines(stream.send(data, self.loop.time()))
+        # Without a carrier (between carriers) the bytes only go to the replay buffer; the
+        # next carrier sends them. Either way a full buffer stops reading the source.
+        pieces = stream.send(data, self.loop.time())
         self._sent_unflushed += len(data)
+        if self.carrier is not None and not self._send(pieces):
+            return
         if stream.window <= 0:
             self._plain_reading.pause("window")
 
     def plain_eof(self) -> bool:
         self._plain_eof_seen = True
-        if self.done is None and self.carrier is not None:
-            self.carrier.write(self.stream.send_fin(self.loop.time()))
-            self._maybe_finish()
+        if self.done is None:
+            fin = self.stream.send_fin(self.loop.time())
+            if self.carrier is not None and self._send((fin,)):
+                self._maybe_finish()
         return True
 
     def plain_lost(self, exc: Optional[Exception]) -> None:
@@ -287,13 +308,19 @@ class TunnelPump:
                 self.metrics.heartbeat_rtt.observe(event.seconds)  # type: ignore[union-attr]
             elif stream.window > 0:
                 self._plain_reading.resume("window")
-        if reply and self.carrier is not None:
-            self.carrier.write(reply)
+        if reply and self.carrier is not None and not self._send((reply,)):
+            return
         self._maybe_finish()
 
-    def carrier_lost(self, why: str) -> None:
-        """The carrier closed or failed; clean if the stream already finished, else a loss."""
+    def carrier_lost(self, why: str, carrier: Any = None) -> None:
+        """The carrier closed or failed; clean if the stream already finished, else a loss.
+
+        ``carrier`` names the one that was lost, so news from a carrier already replaced
+        by a resume is ignored.
+        """
         if self.done is not None or self.carrier is None:
+            return
+        if carrier is not None and carrier is not self.carrier:
             return
         self._set_carrier(None)
         self._carrier_gone(why)
@@ -304,10 +331,28 @@ class TunnelPump:
             self._finish(OK, "")
             return
         if self._on_carrier_lost is not None and self._on_carrier_lost(self, why):
-            self._plain_reading.pause("no-carrier")
             return
         self._reset_plain()
         self._finish(CARRIER_LOST, why)
+
+    def abandon(self, result: str, why: str) -> None:
+        """Give up a stream whose carrier is gone for good: the application sees a reset."""
+        if self.done is None:
+            self._close_carrier(abort=True)
+            self._reset_plain()
+            self._finish(result, why)
+
+    def _send(self, pieces: Any) -> bool:
+        """Write to the carrier; a carrier that refuses (already closed) counts as lost.
+
+        The bytes are in the replay buffer either way, so nothing is lost with it.
+        """
+        try:
+            self.carrier.writelines(pieces)
+        except (OSError, RuntimeError) as exc:
+            self.carrier_lost(f"carrier write failed: {exc}")
+            return False
+        return True
 
     def carrier_pause_writing(self) -> None:
         self._plain_reading.pause("carrier-full")
@@ -337,8 +382,8 @@ class TunnelPump:
             self._carrier_gone(f"no frame for {silent:.1f}s (heartbeat timeout)")
             return
         out = self.stream.poll(now)
-        if out:
-            self.carrier.write(out)
+        if out and not self._send((out,)):
+            return
         self._schedule()
 
     # -- ending ---------------------------------------------------------------------------

@@ -42,7 +42,38 @@ class Login(NamedTuple):
 
 
 class SshUnavailable(ConnectionError):
-    """No login node could be reached; the message says why for each one."""
+    """No login node could be reached; the message says why for each one.
+
+    ``retry_after`` is the earliest moment (seconds from now) an attempt may succeed when
+    the connection rate limit, not a failure, was what stopped it.
+    """
+
+    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ConnectBudget:
+    """Token bucket: at most ``per_minute`` new SSH connections to one login node.
+
+    JSC blocks hosts that log in too often, so this holds even when every stream of a
+    worker wants its carrier back at the same moment.
+    """
+
+    def __init__(self, per_minute: float, now: float) -> None:
+        self.capacity = max(1.0, per_minute)
+        self.rate = per_minute / 60.0
+        self.tokens = self.capacity
+        self.stamp = now
+
+    def take(self, now: float) -> float:
+        """Use a token and return 0, or return how long until one is available."""
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate if self.rate > 0 else float("inf")
 
 
 class SshHop:
@@ -55,7 +86,8 @@ class SshHop:
         *,
         keepalive: float = 15.0,
         connect_timeout: float = 15.0,
-        retry_after: float = 2.0,
+        connects_per_minute: float = 4.0,
+        retry_after: float = 1.0,
     ) -> None:
         if not logins:
             raise ValueError("at least one login node")
@@ -66,11 +98,14 @@ class SshHop:
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
         self.retry_after = retry_after
+        now = time.monotonic()
+        self._budgets = [ConnectBudget(connects_per_minute, now) for _ in self.logins]
+        self._preferred = 0
         self._conn: Optional[asyncssh.SSHClientConnection] = None
         self.current: Optional[Login] = None
         self._lock = asyncio.Lock()
-        self._last_failure = 0.0
-        self._last_error = ""
+        self._last_failure = -1e9
+        self._last_error: Optional[SshUnavailable] = None
         self._closed = False
         self._watcher: Optional[asyncio.Future[None]] = None
 
@@ -79,7 +114,12 @@ class SshHop:
         return self._conn is not None
 
     async def connection(self) -> asyncssh.SSHClientConnection:
-        """The live connection, opening one (in failover order) if there is none."""
+        """The live connection, opening one if there is none.
+
+        Login nodes are tried in failover order starting with the one that worked last;
+        each within its connection budget. One attempt runs at a time: every stream that
+        needs the connection waits for that attempt instead of starting its own.
+        """
         if self._conn is not None:
             return self._conn
         async with self._lock:
@@ -87,10 +127,21 @@ class SshHop:
                 return self._conn
             if self._closed:
                 raise SshUnavailable("worker is stopping")
-            if time.monotonic() - self._last_failure < self.retry_after:
-                raise SshUnavailable(self._last_error)
-            errors = []
-            for login in self.logins:
+            if self._last_error is not None and (
+                time.monotonic() - self._last_failure < self.retry_after
+            ):
+                raise self._last_error
+            errors, waits = [], []
+            count = len(self.logins)
+            for step in range(count):
+                index = (self._preferred + step) % count
+                login = self.logins[index]
+                wait = self._budgets[index].take(time.monotonic())
+                if wait > 0:
+                    self.metrics.ssh_connects.labels(str(login), "rate-limited").inc()
+                    errors.append(f"{login}: connection rate limit, next try in {wait:.0f}s")
+                    waits.append(wait)
+                    continue
                 try:
                     conn = await self._connect(login)
                 except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
@@ -106,11 +157,16 @@ class SshHop:
                 self.metrics.ssh_active.inc()
                 self._conn = conn
                 self.current = login
+                self._preferred = index
+                self._last_error = None
                 log.info("SSH connected", extra={"fields": {"login": str(login)}})
                 return conn
+            self._preferred = (self._preferred + 1) % count
             self._last_failure = time.monotonic()
-            self._last_error = "; ".join(errors)
-            raise SshUnavailable(self._last_error)
+            self._last_error = SshUnavailable(
+                "; ".join(errors), min(waits) if len(waits) == count else 0.0
+            )
+            raise self._last_error
 
     async def connect_to(self, login: Login) -> asyncssh.SSHClientConnection:
         """A connection to ``login`` alone, with the worker's options; errors raised unchanged.

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import logging
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -15,14 +16,22 @@ from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, Pr
 from python_socks.async_.asyncio import Proxy
 
 from relay.addresses import format_hostport
-from relay.carrier import Opened, SshCarrier, TcpCarrier, TunnelRefused, new_opener
+from relay.carrier import (
+    Opened,
+    SshCarrier,
+    TcpCarrier,
+    TunnelRefused,
+    new_opener,
+    resume_opener,
+)
 from relay.daemon import Daemon
 from relay.listeners import Listeners
 from relay.metrics import Metrics
 from relay.proto import ProtocolError
+from relay.proto import hello as hl
 from relay.proto import socks5 as s5
 from relay.proto.stream import TunnelStream
-from relay.pump import PlainProtocol, RawPump, StreamInfo, TunnelPump
+from relay.pump import RESUME_FAILED, PlainProtocol, RawPump, StreamInfo, TunnelPump
 from relay.secrets import load_secret, load_userpass
 from relay.sockopts import set_keepalive, set_nodelay, transport_socket
 from relay.sshhop import Login, SshHop, SshUnavailable
@@ -53,6 +62,9 @@ class WorkerSettings:
         self.heartbeat_misses: int = kwargs.pop("heartbeat_misses", 3)
         self.ssh_keepalive: float = kwargs.pop("ssh_keepalive", 15.0)
         self.connect_timeout: float = kwargs.pop("connect_timeout", 15.0)
+        self.reconnect_max: float = kwargs.pop("reconnect_max", 30.0)
+        self.ssh_connect_rate: float = kwargs.pop("ssh_connect_rate", 4.0)
+        self.resume_timeout: float = kwargs.pop("resume_timeout", 600.0)
         self.tcp_keepalive: float = kwargs.pop("tcp_keepalive", 60.0)
         self.replay_buffer: int = kwargs.pop("replay_buffer", 4 * 1024 * 1024)
         self.metrics_host: Optional[str] = kwargs.pop("metrics_host", None)
@@ -85,6 +97,9 @@ class WorkerSettings:
             heartbeat_misses=cfg.heartbeat_misses,
             ssh_keepalive=cfg.ssh_keepalive,
             connect_timeout=cfg.connect_timeout,
+            reconnect_max=cfg.reconnect_max,
+            ssh_connect_rate=cfg.ssh_connect_rate,
+            resume_timeout=cfg.resume_timeout,
             tcp_keepalive=cfg.tcp_keepalive,
             replay_buffer=cfg.replay_buffer,
             metrics_host=cfg.metrics.host if cfg.metrics else None,
@@ -97,6 +112,26 @@ class WorkerSettings:
 
 ReplyFn = Callable[[int, str, int], None]
 """Answers the local client: (SOCKS5 reply code, bound host, bound port)."""
+
+
+EXIT_PENALTY = 30.0
+"""Seconds a new stream avoids an exit that just failed (unless every exit failed)."""
+RESUME_CONCURRENCY = 16
+"""Carriers re-opened at once after a loss; the rest wait, so a dead SSH connection
+carrying thousands of streams does not turn into a stampede."""
+
+
+class Session:
+    """What a stream needs to come back after its carrier died."""
+
+    __slots__ = ("exit", "key", "lost_at", "session_id", "task")
+
+    def __init__(self, exit_addr: tuple[str, int], session_id: bytes, key: bytes) -> None:
+        self.exit = exit_addr
+        self.session_id = session_id
+        self.key = key
+        self.lost_at = 0.0
+        self.task: Optional[asyncio.Future[None]] = None
 
 
 class OpenFailed(Exception):
@@ -122,8 +157,13 @@ class RelayWorker(Daemon):
                 self.metrics,
                 keepalive=settings.ssh_keepalive,
                 connect_timeout=settings.connect_timeout,
+                connects_per_minute=settings.ssh_connect_rate,
             )
         self._next_exit = 0
+        self._exit_failed: dict[tuple[str, int], float] = {}
+        self.sessions: dict[TunnelPump, Session] = {}
+        self._resume_slots = asyncio.Semaphore(RESUME_CONCURRENCY)
+        self._stopping = False
         self._forward: Optional[tuple[Any, Any]] = None
         self.listeners = Listeners(self)
 
@@ -155,24 +195,62 @@ class RelayWorker(Daemon):
 
     async def stop(self) -> None:
         self.listeners.close()
+        self._stopping = True
+        for session in self.sessions.values():
+            if session.task is not None:
+                session.task.cancel()
         await super().stop()
         await self.listeners.wait_closed()
         if self.ssh is not None:
             await self.ssh.close()
 
     # -- opening streams ------------------------------------------------------------------
-    def _pick_exit(self) -> tuple[str, int]:
+    def _exit_order(self) -> list[tuple[str, int]]:
+        """Exits for a new stream: round robin over healthy ones, recently failed ones last."""
         exits = self.settings.exits
         if not exits:
             raise OpenFailed(s5.GENERAL_FAILURE, "no exit configured")
-        chosen = exits[self._next_exit % len(exits)]
+        start = self._next_exit % len(exits)
         self._next_exit += 1
-        return chosen
+        rotated = exits[start:] + exits[:start]
+        now = time.monotonic()
+        healthy = [e for e in rotated if self._exit_failed.get(e, -1e9) + EXIT_PENALTY < now]
+        return healthy + [e for e in rotated if e not in healthy]
 
-    async def open_carrier(self, host: str, port: int) -> tuple[Any, Opened]:
-        """Open a carrier to an exit and run the handshake for ``host:port``."""
+    async def open_carrier(self, host: str, port: int) -> tuple[Any, Opened, tuple[str, int]]:
+        """Open a carrier to an exit and run the handshake for ``host:port``.
+
+        An exit that cannot be reached is skipped for a while and the next one tried, so
+        losing one exit VM costs new streams nothing but the failed attempt.
+        """
         s = self.settings
-        exit_host, exit_port = self._pick_exit()
+        failure: Optional[OpenFailed] = None
+        for exit_addr in self._exit_order():
+            try:
+                carrier = await self._dial(exit_addr)
+            except OpenFailed as exc:
+                if isinstance(exc.__cause__, SshUnavailable):
+                    raise
+                failure = exc
+                self._exit_failed[exit_addr] = time.monotonic()
+                continue
+            carrier.start(new_opener(s.secret, s.key_id, s.heartbeat, (host, port)))
+            try:
+                opened = await self._handshake(carrier)
+            except TunnelRefused as exc:
+                raise OpenFailed(s5.GENERAL_FAILURE, str(exc)) from None
+            except OpenFailed as exc:  # the exit dropped the carrier: try the next one
+                failure = exc
+                self._exit_failed[exit_addr] = time.monotonic()
+                continue
+            self._exit_failed.pop(exit_addr, None)
+            return carrier, opened, exit_addr
+        assert failure is not None
+        raise failure
+
+    async def _dial(self, exit_addr: tuple[str, int]) -> Union[SshCarrier, TcpCarrier]:
+        """A byte pipe to the exit: a direct-tcpip channel through the login node, or TCP."""
+        exit_host, exit_port = exit_addr
         carrier: Union[SshCarrier, TcpCarrier]
         try:
             if self.ssh is not None:
@@ -183,35 +261,134 @@ class RelayWorker(Daemon):
             else:
                 loop = asyncio.get_running_loop()
                 transport, carrier = await loop.create_connection(TcpCarrier, exit_host, exit_port)
-                set_keepalive(transport_socket(transport), s.tcp_keepalive)
+                set_keepalive(transport_socket(transport), self.settings.tcp_keepalive)
                 set_nodelay(transport_socket(transport))
         except SshUnavailable as exc:
             self.metrics.carriers.labels("ssh-unavailable").inc()
-            raise OpenFailed(s5.GENERAL_FAILURE, f"no login node: {exc}") from None
+            raise OpenFailed(s5.GENERAL_FAILURE, f"no login node: {exc}") from exc
         except asyncssh.ChannelOpenError as exc:
             self.metrics.carriers.labels("exit-unreachable").inc()
             raise OpenFailed(
                 s5.GENERAL_FAILURE,
                 f"login node cannot reach exit {exit_host}:{exit_port}: {exc.reason}",
             ) from None
-        except OSError as exc:
+        except (OSError, asyncssh.Error) as exc:
             self.metrics.carriers.labels("exit-unreachable").inc()
             raise OpenFailed(
                 s5.GENERAL_FAILURE, f"cannot reach exit {exit_host}:{exit_port}: {exc}"
             ) from None
-        carrier.start(new_opener(s.secret, s.key_id, s.heartbeat, (host, port)))
+        return carrier
+
+    async def _handshake(self, carrier: Union[SshCarrier, TcpCarrier]) -> Opened:
         try:
             opened = await carrier.opened
         except TunnelRefused as exc:
             self.metrics.carriers.labels("refused").inc()
             self.metrics.auth_failures.labels(f"exit-{exc.stage}").inc()
-            raise OpenFailed(s5.GENERAL_FAILURE, str(exc)) from None
+            raise
         except (ProtocolError, ConnectionError) as exc:
             carrier.link.close()
             self.metrics.carriers.labels("failed").inc()
             raise OpenFailed(s5.GENERAL_FAILURE, f"tunnel handshake: {exc}") from None
         self.metrics.carriers.labels("ok").inc()
-        return carrier, opened
+        return opened
+
+    # -- resume ---------------------------------------------------------------------------
+    def _carrier_lost(self, pump: TunnelPump, why: str) -> bool:
+        """A stream lost its carrier: get it back in the background (True) or give up."""
+        session = self.sessions.get(pump)
+        if session is None or self._stopping:
+            return False
+        session.lost_at = time.monotonic()
+        self.metrics.reconnects.inc()
+        log.info(
+            "carrier lost, resuming",
+            extra={
+                "fields": {"stream": pump.info.stream_id, "dest": pump.info.destination, "why": why}
+            },
+        )
+        session.task = asyncio.ensure_future(self._resume(pump, session))
+        return True
+
+    async def _resume(self, pump: TunnelPump, session: Session) -> None:
+        """Re-open a carrier to the session's exit, with backoff, until it works or is refused."""
+        s = self.settings
+        deadline = session.lost_at + s.resume_timeout
+        attempt = 0
+        why = ""
+        while pump.done is None:
+            wait = 0.0
+            async with self._resume_slots:
+                if pump.done is not None:
+                    return
+                try:
+                    carrier = await asyncio.wait_for(self._dial(session.exit), s.connect_timeout)
+                    carrier.start(
+                        resume_opener(
+                            session.key,
+                            s.key_id,
+                            s.heartbeat,
+                            session.session_id,
+                            pump.stream.recv_offset,
+                        )
+                    )
+                    opened = await asyncio.wait_for(self._handshake(carrier), s.connect_timeout)
+                except TunnelRefused as exc:
+                    if exc.status in (hl.UNKNOWN_SESSION, hl.BAD_AUTH):
+                        self.metrics.resumes.labels("refused").inc()
+                        pump.abandon(RESUME_FAILED, f"exit refused the resume: {exc}")
+                        return
+                    why = str(exc)
+                except OpenFailed as exc:
+                    why = str(exc)
+                    if isinstance(exc.__cause__, SshUnavailable):
+                        wait = exc.__cause__.retry_after
+                except (ProtocolError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
+                    why = str(exc) or type(exc).__name__
+                else:
+                    if pump.done is not None:
+                        carrier.link.close()
+                        return
+                    replayed = carrier.attach(pump, opened.established.peer_offset)
+                    self.metrics.resumes.labels("ok").inc()
+                    log.info(
+                        "stream resumed",
+                        extra={
+                            "fields": {
+                                "stream": pump.info.stream_id,
+                                "dest": pump.info.destination,
+                                "gap": round(time.monotonic() - session.lost_at, 3),
+                                "attempts": attempt + 1,
+                                "replayed": replayed,
+                                "received": pump.stream.recv_offset,
+                            }
+                        },
+                    )
+                    return
+            if time.monotonic() >= deadline:
+                self.metrics.resumes.labels("gave-up").inc()
+                pump.abandon(RESUME_FAILED, f"no carrier for {s.resume_timeout:.0f}s: {why}")
+                return
+            backoff = min(s.reconnect_max, 0.25 * 2**attempt) * random.uniform(0.5, 1.0)
+            attempt += 1
+            self.metrics.resumes.labels("retry").inc()
+            log.debug(
+                "resume attempt failed",
+                extra={
+                    "fields": {
+                        "stream": pump.info.stream_id,
+                        "why": why,
+                        "next": round(max(backoff, wait), 2),
+                    }
+                },
+            )
+            await asyncio.sleep(min(max(backoff, wait), max(0.0, deadline - time.monotonic())))
+
+    def stream_done(self, pump: Any, result: str) -> None:
+        super().stream_done(pump, result)
+        session = self.sessions.pop(pump, None)
+        if session is not None and session.task is not None and not session.task.done():
+            session.task.cancel()
 
     async def open_upstream(self, host: str, port: int) -> Any:
         """A socket to ``host:port`` through the plain SOCKS5 upstream (python-socks)."""
@@ -293,7 +470,7 @@ class RelayWorker(Daemon):
         self, client: PlainProtocol, host: str, port: int, info: StreamInfo, reply: ReplyFn
     ) -> None:
         s = self.settings
-        carrier, opened = await asyncio.wait_for(
+        carrier, opened, exit_addr = await asyncio.wait_for(
             self.open_carrier(host, port), s.connect_timeout + 5
         )
         connected = opened.connected
@@ -312,9 +489,16 @@ class RelayWorker(Daemon):
             replay_limit=s.replay_buffer,
         )
         pump = TunnelPump(
-            stream, info, self.metrics, plain_is_client=True, on_done=self.stream_done
+            stream,
+            info,
+            self.metrics,
+            plain_is_client=True,
+            on_done=self.stream_done,
+            on_carrier_lost=self._carrier_lost,
         )
         self.pumps.add(pump)
+        est = opened.established
+        self.sessions[pump] = Session(exit_addr, est.session_id, est.session_key)
         pump.attach_plain(client)
         carrier.attach(pump)
 

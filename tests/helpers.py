@@ -12,7 +12,7 @@ import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 
@@ -160,14 +160,17 @@ class Chain:
         return await asyncio.open_connection(sock=sock)
 
 
-def worker_settings(sshd: Sshd, exit_address: tuple[str, int], **overrides: Any) -> WorkerSettings:
+def worker_settings(
+    sshd: Optional[Sshd], exit_address: tuple[str, int], **overrides: Any
+) -> WorkerSettings:
+    """Settings for a worker through ``sshd`` (None: carriers go straight to the exit)."""
     options: dict[str, Any] = {
         "socks_host": "127.0.0.1",
         "socks_port": 0,
         "socks_credentials": (USER, PASSWORD),
-        "logins": [Login(sshd.user, sshd.host, sshd.port)],
-        "ssh_key": sshd.client_key,
-        "known_hosts": sshd.known_hosts,
+        "logins": [Login(sshd.user, sshd.host, sshd.port)] if sshd else [],
+        "ssh_key": sshd.client_key if sshd else None,
+        "known_hosts": sshd.known_hosts if sshd else None,
         "exits": [exit_address],
         "key_id": KEY_ID,
         "secret": SECRET,

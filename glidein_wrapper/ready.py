@@ -14,6 +14,7 @@ attached worker's listener) or ``chain`` (the attached worker failed somewhere b
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -58,13 +59,14 @@ class NotReady(Exception):
         self.why = why
 
 
-class Check:
+class Check(abc.ABC):
     """One readiness attempt; ``hop`` says which hop it is working on (for a timeout)."""
 
     hop = "relay"
 
+    @abc.abstractmethod
     async def __call__(self) -> None:
-        raise NotImplementedError
+        """Walk the chain once; raise :class:`NotReady` naming the hop that failed."""
 
     def silence(self, timeout: float) -> str:
         """Why, when the attempt on ``self.hop`` was still waiting at the deadline."""

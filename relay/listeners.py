@@ -1,18 +1,20 @@
-"""The worker's other local listeners, both carried like its SOCKS5 streams.
+"""The worker's local listeners; every one hands its clients to the same stream opener.
 
+* SOCKS5 (``--socks``) with RFC 1929 credentials from ``--socks-auth``.
 * An HTTP CONNECT proxy (``--http``) for tools that only speak HTTP proxies
   (``https_proxy``), with Basic proxy authentication using the ``--socks-auth`` credentials.
 * Static forwards (``--forward LOCAL:PORT=DEST:PORT``): every connection accepted on a local
   port is a stream to one fixed destination, for programs that cannot be pointed at any proxy
   (static or Go binaries, which an LD_PRELOAD interposer cannot reach).
 
-Both accept a local client, work out the destination in their own way and hand the client to
+Each accepts a local client, works out the destination in its own way and hands the client to
 :meth:`relay.worker.RelayWorker.relay`, which opens the stream over the same SSH connection and
-tunnel (heartbeats, half-close, resets) as a SOCKS5 stream.
+tunnel (heartbeats, half-close, resets, resume) whichever listener it came from.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import hmac
@@ -67,13 +69,28 @@ class Forward(NamedTuple):
         return f"{listen}={format_hostport(self.dest_host, self.dest_port)}"
 
 
-class _LocalClient(PlainProtocol):
-    """Shared set-up of an accepted local client: registered with the worker, keepalive on."""
+def credentials_ok(required: Optional[tuple[str, str]], user: str, password: str) -> bool:
+    """Constant-time check of a local client's user and password (None required: any)."""
+    if required is None:
+        return True
+    return hmac.compare_digest(user.encode(), required[0].encode()) & hmac.compare_digest(
+        password.encode(), required[1].encode()
+    )
+
+
+class _LocalClient(PlainProtocol, abc.ABC):
+    """An accepted local client: registered with the worker, keepalive on, a deadline for
+    its handshake, then one stream handed to :meth:`relay.worker.RelayWorker.relay`."""
+
+    handshake_timeout: Optional[float] = HANDSHAKE_TIMEOUT
+    timeout_stage = "local-handshake-timeout"
 
     def __init__(self, worker: RelayWorker) -> None:
         super().__init__()
         self.worker = worker
         self.metrics = worker.metrics
+        self.in_handshake = True
+        self._timer: Optional[asyncio.TimerHandle] = None
         self._task: Optional[asyncio.Future[None]] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -82,26 +99,9 @@ class _LocalClient(PlainProtocol):
         sock = transport_socket(transport)
         set_keepalive(sock, self.worker.settings.tcp_keepalive)
         set_nodelay(sock)
-
-    def _relay(self, host: str, port: int) -> None:
-        self._task = asyncio.ensure_future(self.worker.relay(self, host, port, self._reply))
-
-    def _reply(self, code: int, host: str, port: int) -> None:
-        raise NotImplementedError
-
-
-class HttpConnectConnection(_LocalClient):
-    """One HTTP proxy client: a CONNECT request head, then one relayed stream."""
-
-    def __init__(self, worker: RelayWorker) -> None:
-        super().__init__(worker)
-        self.parser = HttpConnectParser()
-        self.in_handshake = True
-        self._timer: Optional[asyncio.TimerHandle] = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._timed_out)
+        if self.handshake_timeout is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.handshake_timeout, self._timed_out)
 
     def data_received(self, data: bytes) -> None:
         if self.in_handshake:
@@ -129,8 +129,11 @@ class HttpConnectConnection(_LocalClient):
 
     def _timed_out(self) -> None:
         self._timer = None
-        self.metrics.protocol_errors.labels("local-http-timeout").inc()
-        self._close(response(408))
+        self.metrics.protocol_errors.labels(self.timeout_stage).inc()
+        self._close(self._timeout_answer())
+
+    def _timeout_answer(self) -> Optional[bytes]:
+        return None
 
     def _close(self, answer: Optional[bytes] = None) -> None:
         self._cancel_timer()
@@ -138,6 +141,92 @@ class HttpConnectConnection(_LocalClient):
             if answer:
                 self.transport.write(answer)
             self.transport.close()
+
+    def _relay(self, host: str, port: int, early: bytes = b"") -> None:
+        """The handshake is over: hold what came early and open the stream."""
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.in_handshake = False
+        self._cancel_timer()
+        if early:
+            self._early.append(early)
+        self._task = asyncio.ensure_future(self.worker.relay(self, host, port, self._reply))
+
+    @abc.abstractmethod
+    def _advance(self, data: bytes) -> None:
+        """Parse handshake bytes in the listener's own protocol."""
+
+    @abc.abstractmethod
+    def _reply(self, code: int, host: str, port: int) -> None:
+        """Tell the client how opening the stream went (a SOCKS5 reply code)."""
+
+
+class Socks5Connection(_LocalClient):
+    """One SOCKS5 client: RFC 1929 credentials (unless --no-socks-auth), CONNECT, a stream."""
+
+    def __init__(self, worker: RelayWorker) -> None:
+        super().__init__(worker)
+        self.socks = s5.Socks5Server()
+
+    def _advance(self, data: bytes) -> None:
+        try:
+            events = self.socks.receive(data)
+            while events and not self.closed:
+                if not self._handle(events.pop(0)):
+                    return
+                events.extend(self.socks.receive())
+        except s5.Socks5Error as exc:
+            self.metrics.protocol_errors.labels("local-socks5").inc()
+            log.info("bad SOCKS5 from local client", extra={"fields": {"why": str(exc)}})
+            self._close(self.socks.reply(exc.reply) if self.socks.state == "reply" else None)
+
+    def _handle(self, event: s5.Event) -> bool:
+        assert self.transport is not None
+        required = self.worker.settings.socks_credentials
+        if isinstance(event, s5.Greeting):
+            if s5.USERPASS in event.methods:
+                self.transport.write(self.socks.select_method(s5.USERPASS))
+            elif required is None and s5.NO_AUTH in event.methods:
+                self.transport.write(self.socks.select_method(s5.NO_AUTH))
+            else:
+                self.metrics.auth_failures.labels("local-no-credentials").inc()
+                self._close(self.socks.select_method(s5.NO_ACCEPTABLE))
+                return False
+            return True
+        if isinstance(event, s5.UserPass):
+            ok = credentials_ok(required, event.username, event.password)
+            self.transport.write(self.socks.auth_reply(ok))
+            if not ok:
+                self.metrics.auth_failures.labels("local-bad-credentials").inc()
+                self._close()
+                return False
+            return True
+        if isinstance(event, s5.Request):
+            if event.command != s5.CMD_CONNECT:
+                self._close(self.socks.reply(s5.COMMAND_NOT_SUPPORTED))
+                return False
+            self._relay(event.host, event.port, self.socks.trailing())
+        return False
+
+    def _reply(self, code: int, host: str, port: int) -> None:
+        if self.transport is None or self.closed:
+            return
+        self.transport.write(self.socks.reply(code, host, port))
+        if code != s5.SUCCEEDED:
+            self.transport.close()
+
+
+class HttpConnectConnection(_LocalClient):
+    """One HTTP proxy client: a CONNECT request head, then one relayed stream."""
+
+    timeout_stage = "local-http-timeout"
+
+    def __init__(self, worker: RelayWorker) -> None:
+        super().__init__(worker)
+        self.parser = HttpConnectParser()
+
+    def _timeout_answer(self) -> Optional[bytes]:
+        return response(408)
 
     def _advance(self, data: bytes) -> None:
         try:
@@ -167,14 +256,7 @@ class HttpConnectConnection(_LocalClient):
         except HttpConnectError as exc:
             self._bad_request(exc)
             return
-        assert self.transport is not None
-        self.transport.pause_reading()
-        self.in_handshake = False
-        self._cancel_timer()
-        early = self.parser.trailing()
-        if early:
-            self._early.append(early)
-        self._relay(host, port)
+        self._relay(host, port, self.parser.trailing())
 
     def _authorized(self, request: Request) -> bool:
         required = self.worker.settings.socks_credentials
@@ -185,11 +267,7 @@ class HttpConnectConnection(_LocalClient):
             self.metrics.auth_failures.labels("local-no-credentials").inc()
             return False
         given = basic_credentials(values[0]) if len(values) == 1 else None
-        user, password = given if given is not None else ("", "")
-        ok = hmac.compare_digest(user.encode(), required[0].encode()) & hmac.compare_digest(
-            password.encode(), required[1].encode()
-        )
-        if given is None or not ok:
+        if given is None or not credentials_ok(required, *given):
             self.metrics.auth_failures.labels("local-bad-credentials").inc()
             return False
         return True
@@ -207,18 +285,18 @@ class HttpConnectConnection(_LocalClient):
 class ForwardConnection(_LocalClient):
     """One client of a static forward: relayed to the forward's destination at once."""
 
+    handshake_timeout = None
+
     def __init__(self, worker: RelayWorker, forward: Forward) -> None:
         super().__init__(worker)
         self.forward = forward
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        transport.pause_reading()  # type: ignore[attr-defined]
         self._relay(self.forward.dest_host, self.forward.dest_port)
 
-    def connection_lost(self, exc: Optional[Exception]) -> None:
-        self.worker.connections.discard(self)
-        super().connection_lost(exc)
+    def _advance(self, data: bytes) -> None:
+        """Never called: there is no handshake, the stream opens on accept."""
 
     def _reply(self, code: int, host: str, port: int) -> None:
         if code != s5.SUCCEEDED and not self.closed:

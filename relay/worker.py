@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import random
@@ -25,7 +24,7 @@ from relay.carrier import (
     resume_opener,
 )
 from relay.daemon import Daemon
-from relay.listeners import Listeners
+from relay.listeners import Listeners, Socks5Connection
 from relay.metrics import Metrics
 from relay.proto import ProtocolError
 from relay.proto import hello as hl
@@ -37,8 +36,6 @@ from relay.sockopts import set_keepalive, set_nodelay, transport_socket
 from relay.sshhop import Login, SshHop, SshUnavailable
 
 log = logging.getLogger("relay.worker")
-
-LOCAL_HANDSHAKE_TIMEOUT = 30.0
 
 
 class WorkerSettings:
@@ -170,7 +167,7 @@ class RelayWorker(Daemon):
     async def start(self) -> None:
         s = self.settings
         await self._listen(
-            lambda: LocalConnection(self),
+            lambda: Socks5Connection(self),
             s.socks_host,
             s.socks_port,
             s.metrics_host,
@@ -515,119 +512,3 @@ class RelayWorker(Daemon):
         self.pumps.add(raw)
         set_keepalive(transport_socket(transport), self.settings.tcp_keepalive)
         raw.attach(client, upstream)
-
-
-class LocalConnection(PlainProtocol):
-    """One local client: SOCKS5 with RFC 1929 credentials, then one relayed stream."""
-
-    def __init__(self, worker: RelayWorker) -> None:
-        super().__init__()
-        self.worker = worker
-        self.metrics = worker.metrics
-        self.socks = s5.Socks5Server()
-        self.in_handshake = True
-        self._timer: Optional[asyncio.TimerHandle] = None
-        self._task: Optional[asyncio.Future[None]] = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.worker.connections.add(self)
-        sock = transport_socket(transport)
-        set_keepalive(sock, self.worker.settings.tcp_keepalive)
-        set_nodelay(sock)
-        self._timer = asyncio.get_running_loop().call_later(
-            LOCAL_HANDSHAKE_TIMEOUT, self._timed_out
-        )
-
-    def data_received(self, data: bytes) -> None:
-        if self.in_handshake:
-            self._advance(data)
-        else:
-            super().data_received(data)
-
-    def eof_received(self) -> bool:
-        if self.in_handshake and self._task is None:
-            self._close()
-            return False
-        return super().eof_received()
-
-    def connection_lost(self, exc: Optional[Exception]) -> None:
-        self.closed = True
-        self.worker.connections.discard(self)
-        self._cancel_timer()
-        if not self.in_handshake or self._task is not None:
-            super().connection_lost(exc)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        self.metrics.protocol_errors.labels("local-handshake-timeout").inc()
-        self._close()
-
-    def _close(self, reply: Optional[bytes] = None) -> None:
-        self._cancel_timer()
-        if self.transport is not None:
-            if reply:
-                self.transport.write(reply)
-            self.transport.close()
-
-    def _advance(self, data: bytes) -> None:
-        try:
-            events = self.socks.receive(data)
-            while events and not self.closed:
-                if not self._handle(events.pop(0)):
-                    return
-                events.extend(self.socks.receive())
-        except s5.Socks5Error as exc:
-            self.metrics.protocol_errors.labels("local-socks5").inc()
-            log.info("bad SOCKS5 from local client", extra={"fields": {"why": str(exc)}})
-            self._close(self.socks.reply(exc.reply) if self.socks.state == "reply" else None)
-
-    def _handle(self, event: s5.Event) -> bool:
-        assert self.transport is not None
-        required = self.worker.settings.socks_credentials
-        if isinstance(event, s5.Greeting):
-            if s5.USERPASS in event.methods:
-                self.transport.write(self.socks.select_method(s5.USERPASS))
-            elif required is None and s5.NO_AUTH in event.methods:
-                self.transport.write(self.socks.select_method(s5.NO_AUTH))
-            else:
-                self.metrics.auth_failures.labels("local-no-credentials").inc()
-                self._close(self.socks.select_method(s5.NO_ACCEPTABLE))
-                return False
-            return True
-        if isinstance(event, s5.UserPass):
-            ok = required is None or (
-                hmac.compare_digest(event.username.encode(), required[0].encode())
-                & hmac.compare_digest(event.password.encode(), required[1].encode())
-            )
-            self.transport.write(self.socks.auth_reply(ok))
-            if not ok:
-                self.metrics.auth_failures.labels("local-bad-credentials").inc()
-                self._close()
-                return False
-            return True
-        if isinstance(event, s5.Request):
-            if event.command != s5.CMD_CONNECT:
-                self._close(self.socks.reply(s5.COMMAND_NOT_SUPPORTED))
-                return False
-            self.transport.pause_reading()
-            self.in_handshake = False
-            self._early.append(self.socks.trailing())
-            self._cancel_timer()
-            self._task = asyncio.ensure_future(
-                self.worker.relay(self, event.host, event.port, self._reply)
-            )
-            return False
-        return False
-
-    def _reply(self, code: int, host: str, port: int) -> None:
-        if self.transport is None or self.closed:
-            return
-        self.transport.write(self.socks.reply(code, host, port))
-        if code != s5.SUCCEEDED:
-            self.transport.close()

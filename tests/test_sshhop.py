@@ -1,0 +1,63 @@
+"""The SSH hop's manners towards login nodes: failover order and the connection budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.metrics import Metrics
+from relay.sshhop import ConnectBudget, Login, SshHop, SshUnavailable
+from tests.helpers import metric
+from tests.lab.sshd import Sshd, start_sshd
+
+
+def test_budget_allows_a_burst_then_the_rate() -> None:
+    budget = ConnectBudget(4, now=0.0)
+    assert [budget.take(0.0) for _ in range(4)] == [0.0] * 4
+    wait = budget.take(0.0)
+    assert wait == pytest.approx(15.0)
+    assert budget.take(14.0) > 0
+    assert budget.take(15.0 + 1e-6) == 0.0
+
+
+async def test_login_nodes_are_not_hammered(sshd: Sshd) -> None:
+    """With the node down, repeated demands for a connection cost one login per budget."""
+    login = Login(sshd.user, sshd.host, sshd.port)
+    sshd.stop()
+    metrics = Metrics("worker")
+    hop = SshHop([login], sshd.client_key, sshd.known_hosts, metrics,
+                 connects_per_minute=2, retry_after=0.0)  # fmt: skip
+    errors = []
+    for _ in range(6):
+        with pytest.raises(SshUnavailable) as info:
+            await hop.connection()
+        errors.append(info.value)
+    assert metric(metrics, "relay_ssh_connects_total", login=str(login), result="failed") == 2
+    limited = metric(metrics, "relay_ssh_connects_total", login=str(login), result="rate-limited")
+    assert limited == 4
+    assert errors[-1].retry_after > 0
+    await hop.close()
+
+
+async def test_failover_starts_with_the_node_that_worked(tmp_path) -> None:
+    first = start_sshd(tmp_path / "a")
+    second = start_sshd(tmp_path / "b", client_key=first.client_key)
+    known = tmp_path / "known_hosts"
+    known.write_text(first.known_hosts.read_text() + second.known_hosts.read_text())
+    logins = [Login(s.user, s.host, s.port) for s in (first, second)]
+    metrics = Metrics("worker")
+    hop = SshHop(logins, first.client_key, known, metrics, retry_after=0.0)
+    try:
+        first.stop()
+        conn = await hop.connection()
+        assert hop.current == logins[1]
+        conn.close()
+        await conn.wait_closed()
+        first.restart()
+        await hop.connection()
+        assert hop.current == logins[1]  # no needless move back, no extra login on the first
+        assert metric(metrics, "relay_ssh_connects_total", login=str(logins[0]),
+                      result="failed") == 1  # fmt: skip
+    finally:
+        await hop.close()
+        first.stop()
+        second.stop()

@@ -93,6 +93,7 @@ class Chain:
     via_port: int = 0  # second SOCKS5 hop (old chain: dante)
     exit_port: int = 0  # the exit (dante, relay-exit, pproxy) as dialled from the login node
     sshd: Optional[Sshd] = None
+    pythonpath: Optional[str] = None  # relay variants: where their relay package is
 
     def roots(self) -> list[int]:
         return list(self.roles.values())
@@ -105,8 +106,16 @@ class Chain:
 class Bench:
     """Owns the work directory, the sink, the forwarders, every chain and every process."""
 
-    def __init__(self, workdir: Path, relay_pythonpath: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        relay_pythonpath: Optional[str] = None,
+        worker_config: Optional[dict[str, Any]] = None,
+        exit_config: Optional[dict[str, Any]] = None,
+    ) -> None:
         self.workdir = workdir
+        self.worker_config = worker_config or {}
+        self.exit_config = exit_config or {}
         self.procs: list[subprocess.Popen[Any]] = []
         self.sshds: list[Sshd] = []
         self.relay_env = dict(os.environ)
@@ -204,12 +213,16 @@ class Bench:
         )
         return path
 
-    def start_dante(self, name: str) -> tuple[subprocess.Popen[Any], int]:
+    def start_dante(self, name: str, external: str) -> tuple[subprocess.Popen[Any], int]:
+        """danted binds its outgoing sockets to ``external`` before connecting, so it cannot
+        reuse ports in TIME_WAIT; each dante gets its own loopback address so that the other
+        chains' closed connections (tens of thousands in the rate test) do not use up its
+        ephemeral ports."""
         port = free_port()
         conf = self.workdir / f"{name}-danted.conf"
         conf.write_text(
             f"logoutput: {self.workdir / (name + '-danted.log')}\n"
-            f"internal: 127.0.0.1 port = {port}\nexternal: 127.0.0.1\n"
+            f"internal: 127.0.0.1 port = {port}\nexternal: {external}\n"
             "clientmethod: none\nsocksmethod: none\n"
             "user.privileged: root\nuser.unprivileged: nobody\n"
             "client pass { from: 127.0.0.0/8 to: 0.0.0.0/0 }\n"
@@ -218,9 +231,9 @@ class Bench:
         proc = self.spawn(f"{name}-danted", ["/usr/sbin/danted", "-f", str(conf)], port=port)
         return proc, port
 
-    def add_old_chain(self, name: str, cipher: Optional[str]) -> Chain:
+    def add_old_chain(self, name: str, cipher: Optional[str], external: str) -> Chain:
         sshd = self.sshd(f"{name}-sshd")
-        dante, dante_port = self.start_dante(name)
+        dante, dante_port = self.start_dante(name, external)
         socks = free_port()
         options = ["-N", "-D", f"127.0.0.1:{socks}", "-o", "ExitOnForwardFailure=yes"]
         if cipher:
@@ -241,7 +254,16 @@ class Bench:
         self.chains[name] = chain
         return chain
 
-    def _relay_worker(self, name: str, sshd: Sshd, exit_port: int) -> tuple[Any, int]:
+    def _relay_env(self, pythonpath: Optional[str]) -> dict[str, str]:
+        if pythonpath is None:
+            return self.relay_env
+        env = dict(self.relay_env)
+        env["PYTHONPATH"] = pythonpath
+        return env
+
+    def _relay_worker(
+        self, name: str, sshd: Sshd, exit_port: int, pythonpath: Optional[str] = None
+    ) -> tuple[Any, int]:
         d = self.workdir / name
         d.mkdir(exist_ok=True)
         socks = free_port()
@@ -257,17 +279,20 @@ class Bench:
                 "exit": [f"127.0.0.1:{exit_port}"],
                 "key_id": KEY_ID,
                 "secret_file": str(_private(d / "worker.secret", SECRET + "\n")),
+                **self.worker_config,
             },
         )
         proc = self.spawn(
             name,
             [str(BIN / "relay-worker"), "--config", str(config)],
-            env=self.relay_env,
+            env=self._relay_env(pythonpath),
             port=socks,
         )
         return proc, socks
 
-    def add_relay(self, name: str = "relay") -> Chain:
+    def add_relay(self, name: str = "relay", pythonpath: Optional[str] = None) -> Chain:
+        """The relay chain; ``pythonpath`` runs another copy of the relay package (a variant
+        measured next to the baseline in the same run)."""
         sshd = self.sshd(f"{name}-sshd")
         d = self.workdir / f"{name}-exit"
         d.mkdir(exist_ok=True)
@@ -281,20 +306,25 @@ class Bench:
                 "allow": ["127.0.0.1/32:*"],
                 "max_streams": 50000,
                 "max_streams_per_key": 50000,
+                **self.exit_config,
             },
         )
         exit_proc = self.spawn(
             f"{name}-exit",
             [str(BIN / "relay-exit"), "--config", str(config)],
-            env=self.relay_env,
+            env=self._relay_env(pythonpath),
             port=exit_port,
         )
-        worker, socks = self._relay_worker(f"{name}-worker", sshd, exit_port)
+        worker, socks = self._relay_worker(f"{name}-worker", sshd, exit_port, pythonpath)
+
         chain = Chain(
             name,
             "proxychains4 -> relay-worker -> sshd -> relay-exit -> sink",
             roles={"relay-worker": worker.pid, "sshd": sshd.pid, "relay-exit": exit_proc.pid},
         )
+        if pythonpath:
+            chain.description += f" (variant: relay package from {pythonpath})"
+        chain.pythonpath = pythonpath
         auth = f"{SOCKS_USER}:{SOCKS_PASSWORD}"
         chain.proxychains = self._proxychains_conf(
             name, [f"socks5 127.0.0.1 {socks} {SOCKS_USER} {SOCKS_PASSWORD}"]
@@ -356,8 +386,10 @@ class Bench:
                     name + "-wan",
                     [f"socks5 127.0.0.1 {chain.socks_port}", f"socks5 127.0.0.1 {fronts[name]}"],
                 )
-            elif name == "relay" and chain.sshd is not None:
-                _, socks = self._relay_worker("relay-wan-worker", chain.sshd, fronts[name])
+            elif name.startswith("relay") and chain.sshd is not None:
+                _, socks = self._relay_worker(
+                    f"{name}-wan-worker", chain.sshd, fronts[name], chain.pythonpath
+                )
                 chain.proxychains_wan = self._proxychains_conf(
                     name + "-wan", [f"socks5 127.0.0.1 {socks} {SOCKS_USER} {SOCKS_PASSWORD}"]
                 )

@@ -235,6 +235,7 @@ def plots(results: dict[str, Any], fig: dict[str, Any], out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     made: list[str] = []
     if fig["bulk"]:
@@ -277,6 +278,8 @@ def plots(results: dict[str, Any], fig: dict[str, Any], out: Path) -> list[str]:
                 if s:
                     ax.plot(s, [(i + 1) / len(s) for i in range(len(s))], label=chain)
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("connect + 1-byte echo (ms, log scale)")
             ax.set_ylabel("fraction of connections")
             ax.set_title(title, fontsize=10)
@@ -294,7 +297,8 @@ def plots(results: dict[str, Any], fig: dict[str, Any], out: Path) -> list[str]:
             for role, m in e["roles"].items():
                 labels.append(f"{chain}\n{role}\n({e['streams']} streams)")
                 vals.append(m["pss_kib"])
-        ax.bar(range(len(vals)), vals, color="tab:purple")
+        bars = ax.bar(range(len(vals)), vals, color="tab:purple")
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.set_xticks(range(len(vals)), labels, fontsize=7)
         ax.axhline(
             16, color="tab:red", linestyle="--", linewidth=1, label="goal: 16 KiB (worker, exit)"
@@ -346,6 +350,7 @@ def markdown(
         "cryptography",
         "pproxy",
         "relay",
+        "variants",
         "rlimit_nofile",
     ):
         L.append(f"| {key} | {m.get(key)} |")
@@ -458,13 +463,16 @@ def markdown(
             )
         L.append("")
     if fig["idle"]:
+        hb = m["params"].get("relay_worker_config", {}).get("heartbeat", "25 (default)")
         L.append("#### Concurrent idle streams\n")
         L.append(
             "Streams opened through one chain by an asyncio SOCKS5 client (the same bytes "
             "proxychains sends; every stream proven by a 1-byte echo), then left idle. Memory "
             "per stream = (PSS or RSS of the process tree with the streams - before) / "
-            "streams. CPU over an idle window with the default heartbeat (25 s); `alive` = "
-            "streams that still echo after the window.\n"
+            f"streams. CPU over an idle window with the relay's heartbeat at {hb} s; `alive` = "
+            "streams that still echo after the window. The soft RLIMIT_NOFILE is raised to the "
+            f"hard limit ({m['rlimit_nofile'][1]} here); relay-exit holds two descriptors per "
+            "stream (carrier and destination), which caps one exit process at about half of it.\n"
         )
         L.append(
             "| chain | streams | process | PSS KiB/stream | RSS KiB/stream "

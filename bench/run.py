@@ -45,6 +45,8 @@ MODES: dict[str, dict[str, Any]] = {
         "rate_procs": 4,
         "idle": {"relay": 300, "old-chain": 100},
         "idle_window": 5.0,
+        "relay_worker_config": {},
+        "relay_exit_config": {},
     },
     "full": {
         "bulk_size": 1 << 30,
@@ -60,6 +62,9 @@ MODES: dict[str, dict[str, Any]] = {
         # hard RLIMIT_NOFILE is 20,000 (no CAP_SYS_RESOURCE to raise it); see the summary.
         "idle": {"relay": 9900, "old-chain": 1000, "pproxy": 1000},
         "idle_window": 60.0,
+        # extra keys for the relay's TOML files, e.g. {"heartbeat": 300}, for experiments
+        "relay_worker_config": {},
+        "relay_exit_config": {},
     },
 }
 
@@ -118,7 +123,8 @@ def machine(relay_rev: Optional[str]) -> dict[str, Any]:
         "uvloop": _version("uvloop"),
         "cryptography": _version("cryptography"),
         "pproxy": _version("pproxy"),
-        "relay": relay_rev or f"{git_rev} (work tree{', relay/ modified' if dirty else ''})",
+        "relay": describe_source(relay_rev)
+        or f"{git_rev} (work tree{', relay/ modified' if dirty else ''})",
         "rlimit_nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
         "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
     }
@@ -132,8 +138,9 @@ class Runner:
         self.results: dict[str, Any] = {}
         self.iperf_port = 0
 
-    def chains(self, names: tuple[str, ...] = CHAINS) -> list[Chain]:
-        return [self.b.chains[n] for n in names if n in self.b.chains]
+    def chains(self) -> list[Chain]:
+        """Every chain set up, in a fixed order (the A B C of each interleaved round)."""
+        return list(self.b.chains.values())
 
     def cpu(self, chain: Chain) -> dict[str, float]:
         return {role: procstat.tree_cpu([pid]) for role, pid in chain.roles.items()}
@@ -407,10 +414,21 @@ class Runner:
         }
 
 
+def describe_source(rev: Optional[str]) -> Optional[str]:
+    """A relay source as recorded in the results: a revision resolved to its commit."""
+    if not rev or rev.startswith("dir:"):
+        return rev
+    commit = _cmd(["git", "-C", str(REPO), "rev-parse", "--short", rev])
+    return f"{commit} (git archive of {rev})"
+
+
 def relay_source(rev: Optional[str], workdir: Path) -> Optional[str]:
-    """PYTHONPATH for the relay daemons: the work tree, or ``git archive REV`` of relay/."""
+    """PYTHONPATH for the relay daemons: the work tree, ``git archive REV`` of relay/, or
+    (``dir:PATH``) a directory holding a ``relay`` package, e.g. a patched copy to try a change."""
     if not rev:
         return None
+    if rev.startswith("dir:"):
+        return str(Path(rev[4:]).resolve())
     target = workdir / "relay-src"
     target.mkdir()
     archive = subprocess.run(
@@ -438,8 +456,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument(
         "--relay-rev",
         default=None,
-        help="measure the relay as committed at this git revision (git archive)"
-        " instead of the work tree",
+        help="measure the relay as committed at this git revision (git archive), or"
+        " dir:PATH for a directory that holds a relay package, instead of the work tree",
     )
     parser.add_argument(
         "--max-minutes",
@@ -452,6 +470,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         "--update-docs", action="store_true", help="put the summary into docs/PERFORMANCE.md"
     )
     parser.add_argument("--keep-workdir", action="store_true")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
+        help="also measure relay-NAME, the relay from SOURCE (a git revision or dir:PATH), "
+        "interleaved with the others, e.g. to try a fast-path change against the baseline",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -482,6 +508,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="hrbench-"))
     command = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = machine(args.relay_rev)
+    meta["variants"] = [
+        f"{v.partition('=')[0]}={describe_source(v.partition('=')[2])}" for v in args.variant
+    ]
     meta.update(
         {
             "run_id": run_id,
@@ -493,7 +522,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         }
     )
     log(f"{run_id}: {command}; work dir {workdir}")
-    bench = Bench(workdir, relay_source(args.relay_rev, workdir))
+    bench = Bench(
+        workdir,
+        relay_source(args.relay_rev, workdir),
+        worker_config=params["relay_worker_config"],
+        exit_config=params["relay_exit_config"],
+    )
     runner = Runner(bench, params, time.monotonic() + args.max_minutes * 60)
     results: dict[str, Any] = {"meta": meta}
     try:
@@ -502,13 +536,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             if name == "direct":
                 bench.add_direct()
             elif name == "old-chain":
-                bench.add_old_chain("old-chain", None)
+                bench.add_old_chain("old-chain", None, "127.0.0.2")
             elif name == "old-chain-gcm":
-                bench.add_old_chain("old-chain-gcm", "aes128-gcm@openssh.com")
+                bench.add_old_chain("old-chain-gcm", "aes128-gcm@openssh.com", "127.0.0.3")
             elif name == "relay":
                 bench.add_relay()
             elif name == "pproxy":
                 bench.add_pproxy()
+        for spec in args.variant:
+            vname, _, source = spec.partition("=")
+            vdir = workdir / f"variant-{vname}"
+            vdir.mkdir()
+            bench.add_relay(f"relay-{vname}", relay_source(source, vdir))
         if "wan" in steps:
             bench.add_wan()
         results["chains"] = {

@@ -257,6 +257,7 @@ class ExitConnection(PlainProtocol):
         self.started = 0.0
         self._timer: Optional[asyncio.TimerHandle] = None
         self._task: Optional[asyncio.Future[None]] = None
+        self._corked: Optional[list[bytes]] = None
 
     # -- asyncio callbacks ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -344,8 +345,30 @@ class ExitConnection(PlainProtocol):
         self._end_handshake()
         if self.transport is not None:
             if reply:
-                self.transport.write(reply)
+                self._write(reply)
+            self._flush()
             self.transport.close()
+
+    def _write(self, data: bytes) -> None:
+        if self._corked is not None:
+            self._corked.append(data)
+        elif self.transport is not None:
+            self.transport.write(data)
+
+    def _flush(self) -> None:
+        """Send the handshake answers held back so far, as one segment.
+
+        The worker sends greeting, HELLO and CONNECT in one flight; answering all three in
+        one segment matters because sshd relays to the worker without TCP_NODELAY: a second
+        small segment would wait for the worker's delayed ACK, about 40 ms.
+        """
+        data = self._take_corked()
+        if data and self.transport is not None:
+            self.transport.write(data)
+
+    def _take_corked(self) -> bytes:
+        corked, self._corked = self._corked, None
+        return b"".join(corked) if corked else b""
 
     def _peer(self) -> str:
         if self.transport is None:
@@ -354,6 +377,7 @@ class ExitConnection(PlainProtocol):
         return _fmt(peer) if peer else "?"
 
     def _advance(self, data: bytes) -> None:
+        self._corked = []
         try:
             events = self.socks.receive(data)
             while events and not self.closed:
@@ -365,15 +389,18 @@ class ExitConnection(PlainProtocol):
             self._fail("socks5", str(exc), reply)
         except ProtocolError as exc:
             self._fail("hello", str(exc))
+        finally:
+            if self._task is None:  # else the CONNECT reply joins them after the connect
+                self._flush()
 
     def _handle(self, event: s5.Event) -> bool:
         assert self.transport is not None
         settings = self.exit.settings
         if isinstance(event, s5.Greeting):
             if hl.METHOD_TUNNEL in event.methods:
-                self.transport.write(self.socks.select_method(hl.METHOD_TUNNEL))
+                self._write(self.socks.select_method(hl.METHOD_TUNNEL))
             elif settings.allow_plain and s5.USERPASS in event.methods:
-                self.transport.write(self.socks.select_method(s5.USERPASS))
+                self._write(self.socks.select_method(s5.USERPASS))
             else:
                 reason = "plain-refused" if s5.USERPASS in event.methods else "no-method"
                 self.metrics.auth_failures.labels(reason).inc()
@@ -392,7 +419,7 @@ class ExitConnection(PlainProtocol):
             ok = secret is not None and hmac.compare_digest(
                 secret, event.password.encode("utf-8", "replace")
             )
-            self.transport.write(self.socks.auth_reply(ok))
+            self._write(self.socks.auth_reply(ok))
             if not ok:
                 self.metrics.auth_failures.labels("bad-password").inc()
                 self._close_with(None)
@@ -430,7 +457,7 @@ class ExitConnection(PlainProtocol):
         nonce = os.urandom(hl.NONCE_SIZE)
         self.session_id = session_id
         self.session_key = hl.session_key(secret, hello.nonce, nonce, session_id)
-        self.transport.write(
+        self._write(
             hl.encode_reply(
                 secret, hello.mac, hl.OK, session_id, 0, self.heartbeat_ms, nonce, now_ms
             )
@@ -471,7 +498,7 @@ class ExitConnection(PlainProtocol):
         self.key_id = hello.key_id
         self._end_handshake()
         heartbeat_ms = int(pump.stream.heartbeat * 1000)
-        self.transport.write(
+        self._write(
             hl.encode_reply(
                 session.key, hello.mac, hl.OK, session.session_id, pump.stream.recv_offset,
                 heartbeat_ms, os.urandom(hl.NONCE_SIZE), now_ms,
@@ -479,7 +506,9 @@ class ExitConnection(PlainProtocol):
         )  # fmt: skip
         session.conn = self
         self.tunnel = pump
-        replayed = pump.attach_carrier(self.transport, self.socks.trailing(), hello.recv_offset)
+        replayed = pump.attach_carrier(
+            self.transport, self.socks.trailing(), hello.recv_offset, self._take_corked()
+        )
         self.metrics.resumes.labels("ok").inc()
         log.info(
             "stream resumed",
@@ -618,7 +647,8 @@ class ExitConnection(PlainProtocol):
         assert self.transport is not None
         relay_exit = self.exit
         settings = relay_exit.settings
-        self.transport.write(self.socks.reply(s5.SUCCEEDED, str(bound[0]), int(bound[1])))
+        self._write(self.socks.reply(s5.SUCCEEDED, str(bound[0]), int(bound[1])))
+        preface = self._take_corked()
         self.metrics.handshake.observe(time.monotonic() - self.started)
         self._end_handshake()
         early = self.socks.trailing()
@@ -647,8 +677,9 @@ class ExitConnection(PlainProtocol):
             relay_exit.register(session)
             self.tunnel = pump
             pump.attach_plain(dest)
-            pump.attach_carrier(self.transport, early)
+            pump.attach_carrier(self.transport, early, preface=preface)
         else:
+            self.transport.write(preface)
             raw = RawPump(info, self.metrics, on_done=relay_exit.stream_done)
             relay_exit.pumps.add(raw)
             if early:

@@ -197,11 +197,14 @@ class TunnelPump:
             if self._plain_reading.reasons:
                 self.plain.pause_reading()
 
-    def attach_carrier(self, carrier: Any, early: bytes = b"", peer_offset: int = 0) -> int:
+    def attach_carrier(
+        self, carrier: Any, early: bytes = b"", peer_offset: int = 0, preface: bytes = b""
+    ) -> int:
         """Start the data phase on ``carrier``, or continue it there after a resume.
 
         Everything the peer has not received (it told us ``peer_offset`` in its HELLO) is
-        sent again first, FIN included. Returns the number of bytes replayed.
+        sent again first, FIN included, in one write with ``preface`` (the handshake answer
+        still to be sent). Returns the number of bytes replayed.
         """
         if self.done is not None:
             return 0
@@ -217,6 +220,8 @@ class TunnelPump:
             return 0
         self._set_carrier(carrier)
         self._carrier_reading.target = carrier
+        if preface:
+            pieces.insert(0, preface)
         if pieces and not self._send(pieces):
             return 0
         self._plain_reading.resume("carrier-full")
@@ -267,6 +272,14 @@ class TunnelPump:
         reason = "closed" if exc is None else _describe(exc)
         self._reset_carrier(fr.RST_PEER_RESET, reason)
         self._finish(PEER_RESET if exc is not None else RESET, reason)
+
+    def hold_source(self, held: bool) -> None:
+        """Stop (or resume) reading the plain side for a daemon-wide reason: the exit's
+        memory budget (``--max-buffered``). Bytes already read are still sent."""
+        if held:
+            self._plain_reading.pause("budget")
+        else:
+            self._plain_reading.resume("budget")
 
     def plain_pause_writing(self) -> None:
         self._carrier_reading.pause("plain-full")

@@ -376,7 +376,7 @@ class TunnelPump:
     # -- time -----------------------------------------------------------------------------
     def _schedule(self) -> None:
         self._cancel_timer()
-        self._timer = self.loop.call_at(self.stream.deadline, self._on_timer)
+        self._timer = self.loop.call_at(self.stream.wake_at(self.loop.time()), self._on_timer)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

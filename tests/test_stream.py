@@ -563,7 +563,7 @@ def test_random_carrier_bytes_raise_only_protocol_error(blob: bytes, cuts: list[
 def test_ping_when_idle_pong_answers_and_rtt_is_measured() -> None:
     a, b = make(), make()
     assert a.deadline == T0 + HB
-    assert a.poll(T0 + HB - 0.5) == b""
+    assert a.poll(T0 + HB * 0.75 - 0.01) == b""  # at most one grid step (HB/4) early
     ping = a.poll(T0 + HB)
     assert decode(ping) == [fr.Ping(int((T0 + HB) * 1e6))]
     assert a.last_send == T0 + HB
@@ -575,6 +575,24 @@ def test_ping_when_idle_pong_answers_and_rtt_is_measured() -> None:
     events, reply = a.receive(pong, T0 + HB + 0.5)
     assert events == [Rtt(pytest.approx(0.5))]
     assert reply == b""
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(0, 1e6), st.floats(0.1, 100), st.floats(0, 1))
+def test_timers_wake_on_a_shared_grid_never_after_the_deadline(
+    start: float, heartbeat: float, elapsed: float
+) -> None:
+    """Idle streams started at different moments wake on the same grid points."""
+    s = TunnelStream(heartbeat=heartbeat, now=start)
+    now = start + elapsed * heartbeat
+    wake = s.wake_at(now)
+    assert wake <= s.deadline
+    if wake < s.deadline:
+        grid = heartbeat / 4
+        assert wake > now
+        assert abs(wake / grid - round(wake / grid)) < 1e-6
+        assert s.deadline - wake <= grid + 1e-9
+        assert s.poll(wake) != b""  # and what wakes on the grid does send its PING
 
 
 def test_sending_data_postpones_the_ping() -> None:

@@ -8,6 +8,7 @@ directions, and decides when the carrier is dead. Time is passed in; nothing her
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import NamedTuple, Union
 
@@ -15,6 +16,9 @@ from relay.proto import ProtocolError
 from relay.proto import frames as fr
 
 Chunk = Union[bytes, memoryview]
+
+HEARTBEAT_GRID = 4
+"""Heartbeat timers fire on a shared grid of interval / HEARTBEAT_GRID."""
 
 
 class Rtt(NamedTuple):
@@ -204,9 +208,28 @@ class TunnelStream:
         """No frame for ``heartbeat * misses``: the carrier is gone even if TCP has not noticed."""
         return now - self.last_recv >= self.heartbeat * self.misses
 
+    @property
+    def _grid(self) -> float:
+        return self.heartbeat / HEARTBEAT_GRID
+
+    def wake_at(self, now: float) -> float:
+        """When the caller's timer should fire: :attr:`deadline` moved back onto a grid of
+        a quarter interval shared by every stream, unless that is already past.
+
+        Idle streams then ping in bursts instead of one by one, and sshd, whose cost per
+        wake-up grows with its number of channels, wakes up once for many of them.
+        """
+        exact = self.deadline
+        aligned = math.floor(exact / self._grid) * self._grid
+        return aligned if aligned > now else exact
+
     def poll(self, now: float) -> bytes:
-        """Heartbeat duty: PING (plus a pending ACK) when nothing was sent for an interval."""
-        if now - self.last_send < self._ping_after:
+        """Heartbeat duty: PING (plus a pending ACK) when nothing was sent for an interval.
+
+        Up to one grid step early (see :meth:`wake_at`), never late: the gap between two
+        frames sent stays at most the interval.
+        """
+        if now - self.last_send < self._ping_after - self._grid:
             return b""
         out = b""
         if self.recv_offset != self.ack_sent_offset or (

@@ -235,7 +235,7 @@ def plots(results: dict[str, Any], fig: dict[str, Any], out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     made: list[str] = []
     if fig["bulk"]:
@@ -270,15 +270,21 @@ def plots(results: dict[str, Any], fig: dict[str, Any], out: Path) -> list[str]:
             (
                 axes[1],
                 "wan",
-                "setup latency, emulated WAN (5 ms each way login->exit, 10 ms exit->dest)",
+                "emulated WAN (each way: login-exit 5 ms, exit-dest 10 ms)",
             ),
         ):
+            if not results.get(key):
+                ax.set_title(f"{title}: not measured in this run", fontsize=9)
+                ax.set_axis_off()
+                continue
             for chain in _ordered(results.get(key, {})):
                 s = sorted(x * 1000 for x in results[key][chain]["samples"])
                 if s:
                     ax.plot(s, [(i + 1) / len(s) for i in range(len(s))], label=chain)
             ax.set_xscale("log")
-            ax.xaxis.set_major_formatter(ScalarFormatter())
+            subs = (1.0, 3.0) if key == "latency" else (1.0, 2.0, 3.0, 5.0)
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("connect + 1-byte echo (ms, log scale)")
             ax.set_ylabel("fraction of connections")

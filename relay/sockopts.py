@@ -45,6 +45,17 @@ def set_nodelay(sock: Optional[socket.socket]) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def quickack(sock: Any) -> None:
+    """Acknowledge what has arrived at once instead of after the delayed-ACK timer.
+
+    Linux clears TCP_QUICKACK again by itself, so callers set it after each receive that
+    may be followed by more small packets from a peer that waits for our ACK (Nagle).
+    """
+    if sock is not None and hasattr(socket, "TCP_QUICKACK"):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+
 def transport_socket(transport: Any) -> Optional[socket.socket]:
     sock = transport.get_extra_info("socket") if transport is not None else None
     return sock if isinstance(sock, socket.socket) or hasattr(sock, "setsockopt") else None

@@ -12,12 +12,13 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import asyncssh
 
 from relay.addresses import format_hostport
 from relay.metrics import Metrics
+from relay.sockopts import quickack
 
 log = logging.getLogger("relay.ssh")
 
@@ -39,6 +40,56 @@ class Login(NamedTuple):
 
     def __str__(self) -> str:
         return (self.user + "@" if self.user else "") + format_hostport(self.host, self.port)
+
+
+QUICKACK_BELOW = 16384
+"""Reads from the login node smaller than this are acknowledged at once."""
+
+
+class _QuickAck(asyncio.Protocol):
+    """Sits between the socket and asyncssh's connection and ACKs small reads at once.
+
+    sshd sends on a non-interactive SSH connection without TCP_NODELAY, so a small packet
+    (a handshake answer, a channel confirmation, a PONG behind a FIN) waits for our ACK of
+    the one before, and Linux delays that ACK by up to 40 ms. Bulk reads are left alone.
+    """
+
+    def __init__(self, inner: asyncio.Protocol) -> None:
+        self.inner = inner
+        self.sock: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.sock = transport.get_extra_info("socket")
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if len(data) < QUICKACK_BELOW:
+            quickack(self.sock)
+        self.inner.data_received(data)
+
+    def eof_received(self) -> Optional[bool]:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class _QuickAckDialer:
+    """asyncssh's ``tunnel`` hook, used only to put :class:`_QuickAck` under the connection."""
+
+    async def create_connection(
+        self, session_factory: Callable[[], Any], host: str, port: int
+    ) -> tuple[asyncio.BaseTransport, Any]:
+        loop = asyncio.get_running_loop()
+        inner = session_factory()
+        transport, _ = await loop.create_connection(lambda: _QuickAck(inner), host, port)
+        return transport, inner
 
 
 class SshUnavailable(ConnectionError):
@@ -188,6 +239,7 @@ class SshHop:
             "tcp_keepalive": True,
             "encryption_algs": list(PREFERRED_CIPHERS),
             "connect_timeout": self.connect_timeout,
+            "tunnel": _QuickAckDialer(),
         }
         if self.known_hosts is not None:
             options["known_hosts"] = str(self.known_hosts)

@@ -54,7 +54,7 @@ class TunnelStream:
         self.heartbeat = heartbeat
         self.misses = misses
         self.replay_limit = replay_limit
-        self.ack_every = ack_every or max(64 * 1024, replay_limit // 8)
+        self.ack_every = ack_every or max(64 * 1024, replay_limit // 4)
         self.send_offset = 0
         """Bytes handed to the stream for sending."""
         self.acked_offset = 0

@@ -32,6 +32,7 @@ from relay.proto import frames as fr
 from relay.proto import hello as hl
 from relay.proto import socks5 as s5
 from relay.sshhop import SshUnavailable
+from relay.tlslink import connect_tls
 from relay.worker import OpenFailed, RelayWorker
 
 log = logging.getLogger("glidein_wrapper")
@@ -270,7 +271,14 @@ async def hello_check(worker: RelayWorker, exit_host: str, exit_port: int) -> No
     where = format_hostport(exit_host, exit_port)
     link: Any
     try:
-        if worker.ssh is not None:
+        if settings.exit_tls is not None:  # TLS inside the channel, as the carriers do it
+            raw: Any = await worker.ssh.connection() if worker.ssh else asyncio.get_running_loop()
+            link, _ = await connect_tls(
+                lambda factory: raw.create_connection(factory, exit_host, exit_port),
+                lambda: _TcpHelloProtocol(exchange), settings.exit_tls, exit_host,
+                settings.connect_timeout,
+            )  # fmt: skip
+        elif worker.ssh is not None:
             conn = await worker.ssh.connection()
             link, _ = await conn.create_connection(
                 lambda: _SshHelloSession(exchange), exit_host, exit_port

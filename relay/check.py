@@ -61,6 +61,7 @@ from relay.proto import socks5 as s5
 from relay.proto.opener import AuthFailed, Connected, Established
 from relay.proto.stream import Rtt, TunnelStream
 from relay.sshhop import Login, SshHop
+from relay.tlslink import TlsError, TlsVerifyError, connect_tls
 from relay.worker import WorkerSettings
 
 __all__ = ["CHECK_OPTIONS", "Hop", "check_chain", "check_main"]
@@ -458,6 +459,8 @@ class Checker:
             self._skip_after("tcp", name)
             return
         how = "direct-tcpip channel open" if conn is not None else "TCP connected"
+        if s.exit_tls is not None:
+            how += ", TLS certificate verified"
         self.add(Hop("tcp", f"{name}{via}", OK, attempt.channel_s, detail=how))
         if attempt.stage == "hello":
             cause, fix = self._hello_failure(name, attempt.error)
@@ -493,7 +496,15 @@ class Checker:
         started = time.monotonic()
         carrier: Carrier
         try:
-            if conn is not None:
+            if s.exit_tls is not None:  # TLS inside the channel, as the worker does it
+                loop = asyncio.get_running_loop()
+                raw: Any = conn if conn is not None else loop
+                _, tls_carrier = await connect_tls(
+                    lambda factory: raw.create_connection(factory, *target),
+                    _CheckTcpCarrier, s.exit_tls, target[0], self.timeout,
+                )  # fmt: skip
+                carrier = cast(_CheckTcpCarrier, tls_carrier)
+            elif conn is not None:
                 _, session = await asyncio.wait_for(
                     conn.create_connection(_CheckSshCarrier, *target), self.timeout
                 )
@@ -726,6 +737,19 @@ class Checker:
                 f" ({exc.reason or 'connect failed'})",
                 "is relay-exit running and listening there? the login node may reach the"
                 " outside on some ports only (80/443 at JSC): --exit must use one of them",
+            )
+        if isinstance(exc, TlsVerifyError):
+            return (
+                f"TLS: {name} presented a certificate that is not accepted: {exc}",
+                "compare the fingerprint relay-exit logs at start with --exit-fingerprint, or"
+                " fix --exit-ca / --exit-server-name; if nothing changed on the exit,"
+                " something may be intercepting the connection: do not go on",
+            )
+        if isinstance(exc, TlsError):
+            return (
+                f"TLS with {name} failed: {exc}",
+                "does relay-exit there run with --tls-cert and --tls-key? If not, drop"
+                " --exit-ca / --exit-fingerprint (or point --exit at its TLS port)",
             )
         if isinstance(exc, asyncio.TimeoutError):
             return (

@@ -85,14 +85,14 @@ def exit_main(argv: Optional[Sequence[str]] = None) -> int:
     daemon = RelayExit(settings)
 
     def reload() -> None:
-        """SIGHUP: re-read keys and policy; a bad file keeps the old ones in force."""
+        """SIGHUP: re-read keys, policy and TLS certificate; a bad file keeps the old ones."""
         notify("RELOADING=1")
         try:
             fresh = ExitSettings.from_config(load_exit_config(args))
         except ConfigError as exc:
             log.error("reload refused, old configuration stays: %s", exc)
         else:
-            daemon.reload(fresh.keys, fresh.policy)
+            daemon.reload(fresh.keys, fresh.policy, fresh.tls, fresh.tls_fingerprint)
         notify("READY=1")
 
     return _run(_serve(daemon, reload))

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple, NoReturn
 from relay.errors import ConfigError
 from relay.policy import PolicyError, Rule, parse_rule
 from relay.secrets import KEY_ID_RE, check_private
+from relay.tlslink import parse_fingerprint
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -233,6 +234,20 @@ EXIT_OPTIONS: tuple[Option, ...] = (
         False,
         "also accept plain SOCKS5 clients with RFC 1929 user=KEY_ID password=SECRET",
     ),
+    Option(
+        "tls-cert",
+        "path",
+        None,
+        "PEM certificate (chain) to present: with --tls-key, every connection is TLS 1.2+"
+        " (typically on port 443; workers verify it with --exit-ca or --exit-fingerprint)",
+    ),
+    Option(
+        "tls-key",
+        "secret-path",
+        None,
+        "PEM private key of --tls-cert, without passphrase (must not be accessible by"
+        " group/others)",
+    ),
     _METRICS,
     _HEARTBEAT,
     _HEARTBEAT_MISSES,
@@ -251,8 +266,18 @@ EXIT_OPTIONS: tuple[Option, ...] = (
         "max-handshakes",
         "int",
         1000,
-        "most SOCKS5 handshakes in progress at once",
+        "most handshakes (TLS and SOCKS5) in progress at once; when full, a new connection"
+        " closes the oldest one that has not authenticated yet",
         metavar="N",
+        min=1,
+    ),
+    Option(
+        "max-buffered",
+        "size",
+        "1GiB",
+        "most unacknowledged bytes held for all streams together; above it no stream reads"
+        " from its destination until workers acknowledge (memory bound of the exit)",
+        metavar="SIZE",
         min=1,
     ),
     _tcp_keepalive("exit"),
@@ -342,6 +367,31 @@ WORKER_OPTIONS: tuple[Option, ...] = (
         repeatable=True,
     ),
     Option(
+        "exit-ca",
+        "path",
+        None,
+        "PEM CA certificate(s) (or the exit's self-signed certificate) to verify a TLS exit"
+        " with, including its name (--exit host or --exit-server-name); turns TLS on",
+    ),
+    Option(
+        "exit-fingerprint",
+        "str",
+        (),
+        "SHA-256 fingerprint of the TLS exit's certificate (hex, or SHA256:base64 as"
+        " relay-exit logs it): accept that certificate only; turns TLS on. Repeat to"
+        " accept an old and a new certificate during a change",
+        metavar="SHA256",
+        repeatable=True,
+    ),
+    Option(
+        "exit-server-name",
+        "str",
+        None,
+        "name the TLS exit's certificate must carry when --exit is an address or another"
+        " name (with --exit-ca)",
+        metavar="NAME",
+    ),
+    Option(
         "key-id",
         "str",
         None,
@@ -416,6 +466,8 @@ class ExitConfig:
     keys: Path
     allow: tuple[Rule, ...]
     allow_plain: bool
+    tls_cert: Path | None
+    tls_key: Path | None
     metrics: HostPort | None
     heartbeat: float
     heartbeat_misses: int
@@ -424,6 +476,7 @@ class ExitConfig:
     max_streams: int
     max_streams_per_key: int
     max_handshakes: int
+    max_buffered: int
     tcp_keepalive: float
     replay_buffer: int
     resume_timeout: float
@@ -447,6 +500,9 @@ class WorkerConfig:
     ssh_key: Path | None
     known_hosts: Path | None
     exit: tuple[HostPort, ...]
+    exit_ca: Path | None
+    exit_fingerprint: tuple[bytes, ...]
+    exit_server_name: str | None
     key_id: str | None
     secret_file: Path | None
     upstream: HostPort | None
@@ -788,6 +844,16 @@ def _convert_str(opt: Option, raw: str, src: _Source) -> object:
             return parse_forward(raw)
         except ValueError as exc:
             raise _err(f"{src.label}: bad forward {raw!r}: {exc}") from None
+    if opt.name == "exit-fingerprint":
+        try:
+            return parse_fingerprint(raw)
+        except ValueError as exc:
+            raise _err(f"{src.label}: {exc} (got {raw!r})") from None
+    if opt.name == "exit-server-name":
+        problem = _check_host(raw)
+        if problem:
+            raise _err(f"{src.label}: {problem} (got {raw!r})")
+        return raw
     if opt.name == "key-id":
         # Not echoed: a secret pasted into the wrong field must not reach the logs.
         if not KEY_ID_RE.fullmatch(raw):
@@ -991,6 +1057,10 @@ def load_exit_config(argv: Sequence[str]) -> ExitConfig:
     if v["keys"] is None:
         keys = _option(EXIT_OPTIONS, "keys")
         raise _err(f"missing {loaded.name(keys)}: {keys.help}")
+    cert, key = _option(EXIT_OPTIONS, "tls-cert"), _option(EXIT_OPTIONS, "tls-key")
+    if (v[cert.key] is None) != (v[key.key] is None):
+        given, other = (cert, key) if v[key.key] is None else (key, cert)
+        raise _err(f"{loaded.name(given)} needs {loaded.name(other)}: TLS needs both")
     return ExitConfig(config_file=loaded.config_file, **v)
 
 
@@ -1036,4 +1106,13 @@ def load_worker_config(argv: Sequence[str]) -> WorkerConfig:
             raise missing("secret-file", "the exit needs proof of the key id")
     if v["login"] and v["ssh_key"] is None:
         raise missing("ssh-key", "needed to log in to the --login nodes")
+    tls_given = [o for o in ("exit-ca", "exit-fingerprint", "exit-server-name") if v[opt(o).key]]
+    if tls_given and v["upstream"] is not None:
+        raise _err(
+            f"{loaded.name(opt(tls_given[0]))} is for a TLS relay-exit, not --upstream"
+            " (a plain SOCKS5 server)"
+        )
+    if v["exit_server_name"] is not None and v["exit_ca"] is None:
+        raise missing("exit-ca", "--exit-server-name names what the CA-signed certificate"
+                      " must say; a pinned fingerprint needs no name")  # fmt: skip
     return WorkerConfig(config_file=loaded.config_file, **v)

@@ -8,7 +8,9 @@ import errno
 import hmac
 import logging
 import os
+import resource
 import socket
+import ssl
 import time
 from collections import Counter, OrderedDict
 from typing import Any, Optional, Union
@@ -24,10 +26,17 @@ from relay.proto.stream import TunnelStream
 from relay.pump import PARK_EXPIRED, PlainProtocol, RawPump, StreamInfo, TunnelPump
 from relay.secrets import load_keys
 from relay.sockopts import set_keepalive, set_nodelay, transport_socket
+from relay.tlslink import TlsEngine, TlsLink, cert_fingerprint, server_context
 
 log = logging.getLogger("relay.exit")
 
 MIN_HEARTBEAT_MS = 100
+HANDSHAKE_BYTES_MAX = 512 * 1024
+"""Most bytes a connection may send before its stream starts. A real first flight is under
+1 KiB and reading pauses once a request is in, so only a misbehaving peer or transport gets
+near this; it is the cap on what one handshake can make the exit buffer."""
+BUFFER_CHECK_INTERVAL = 0.25
+"""Seconds between sums of all replay buffers against --max-buffered."""
 
 
 class ExitSettings:
@@ -46,6 +55,10 @@ class ExitSettings:
         self.max_streams: int = kwargs.pop("max_streams", 10000)
         self.max_streams_per_key: int = kwargs.pop("max_streams_per_key", 2000)
         self.max_handshakes: int = kwargs.pop("max_handshakes", 1000)
+        self.max_buffered: int = kwargs.pop("max_buffered", 1 << 30)
+        # TLS on the listener (None: plain TCP); the fingerprint is only logged.
+        self.tls: Optional[ssl.SSLContext] = kwargs.pop("tls", None)
+        self.tls_fingerprint: str = kwargs.pop("tls_fingerprint", "")
         self.tcp_keepalive: float = kwargs.pop("tcp_keepalive", 60.0)
         self.replay_buffer: int = kwargs.pop("replay_buffer", 4 * 1024 * 1024)
         self.resume_timeout: float = kwargs.pop("resume_timeout", 600.0)
@@ -57,6 +70,10 @@ class ExitSettings:
 
     @classmethod
     def from_config(cls, cfg: Any) -> ExitSettings:
+        tls, tls_fingerprint = None, ""
+        if cfg.tls_cert is not None:
+            tls = server_context(cfg.tls_cert, cfg.tls_key)
+            tls_fingerprint = cert_fingerprint(cfg.tls_cert)
         return cls(
             listen_host=cfg.listen.host,
             listen_port=cfg.listen.port,
@@ -70,6 +87,9 @@ class ExitSettings:
             max_streams=cfg.max_streams,
             max_streams_per_key=cfg.max_streams_per_key,
             max_handshakes=cfg.max_handshakes,
+            max_buffered=cfg.max_buffered,
+            tls=tls,
+            tls_fingerprint=tls_fingerprint,
             tcp_keepalive=cfg.tcp_keepalive,
             replay_buffer=cfg.replay_buffer,
             resume_timeout=cfg.resume_timeout,
@@ -87,7 +107,15 @@ class RelayExit(Daemon):
         self.settings = settings
         self.guard = hl.ReplayGuard()
         self.handshakes = 0
+        # Connections in their handshake that have not authenticated, oldest first: when
+        # the handshakes are at their limit, a new connection closes the first of them.
+        self.unauthenticated: dict[ExitConnection, None] = {}
+        # Streams per key, counted from the moment a CONNECT passes the limits (so that
+        # concurrent requests cannot all pass them) until the stream ends.
         self.streams_per_key: Counter[str] = Counter()
+        self.opening = 0
+        self.over_budget = False
+        self._budget_task: Optional[asyncio.Future[None]] = None
         self.sessions: dict[bytes, ExitSession] = {}
         self._session_of: dict[TunnelPump, bytes] = {}
         self.parked = 0
@@ -96,8 +124,9 @@ class RelayExit(Daemon):
 
     async def start(self) -> None:
         s = self.settings
+        raise_nofile(2 * s.max_streams + s.max_handshakes + 64)
         await self._listen(
-            lambda: ExitConnection(self),
+            self._accept,
             s.listen_host,
             s.listen_port,
             s.metrics_host,
@@ -111,14 +140,36 @@ class RelayExit(Daemon):
                     "keys": len(s.keys),
                     "rules": len(s.policy.rules),
                     "allow_plain": s.allow_plain,
+                    "tls": s.tls_fingerprint if s.tls is not None else "off",
                 }
             },
         )
+        self._budget_task = asyncio.ensure_future(self._watch_buffers())
 
-    def reload(self, keys: dict[str, bytes], policy: Policy) -> None:
-        """Swap keys and policy at once; streams of a key that is gone are closed."""
+    def _accept(self) -> Any:
+        """Protocol for a new connection: the handshake, wrapped in TLS when configured."""
+        conn = ExitConnection(self)
+        tls = self.settings.tls
+        if tls is None:
+            return conn
+        return TlsLink(TlsEngine(tls, server_side=True), conn, eager=True)
+
+    def reload(
+        self,
+        keys: dict[str, bytes],
+        policy: Policy,
+        tls: Optional[ssl.SSLContext] = None,
+        tls_fingerprint: str = "",
+    ) -> None:
+        """Swap keys and policy (and the TLS certificate) at once; streams of a key that is
+        gone are closed. Connections accepted from now on get the new certificate."""
         self.settings.keys = keys
         self.settings.policy = policy
+        if tls is not None and self.settings.tls is not None:
+            self.settings.tls = tls
+            self.settings.tls_fingerprint = tls_fingerprint
+        elif (tls is None) != (self.settings.tls is None):
+            log.warning("TLS switched on or off in the configuration: takes a restart")
         revoked = [p for p in self.pumps if p.info.key_id not in keys]
         for pump in revoked:
             if isinstance(pump, TunnelPump):
@@ -132,9 +183,90 @@ class RelayExit(Daemon):
                     "keys": len(keys),
                     "rules": len(policy.rules),
                     "revoked_streams": len(revoked),
+                    "tls": self.settings.tls_fingerprint if self.settings.tls else "off",
                 }
             },
         )
+
+    # -- limits ---------------------------------------------------------------------------
+    def handshake_started(self, conn: ExitConnection) -> bool:
+        """Count a new connection's handshake; False if it must be refused at once.
+
+        At the limit the oldest connection that has not authenticated yet makes room, so
+        slow or silent clients cannot keep workers out; only when every handshake in
+        progress is an authenticated one waiting for its destination is the new one refused.
+        """
+        self.handshakes += 1
+        if self.handshakes > self.settings.max_handshakes:
+            self.metrics.limit_hits.labels("handshakes").inc()
+            victim = next(iter(self.unauthenticated), None)
+            if victim is None:
+                log.warning("too many handshakes in progress; refusing a connection")
+                return False
+            log.warning(
+                "too many handshakes in progress; closing the oldest unauthenticated one",
+                extra={"fields": {"peer": victim._peer(), "age": round(victim.age(), 3)}},
+            )
+            victim.evict()
+        self.unauthenticated[conn] = None
+        return True
+
+    def reserve_stream(self, key_id: str) -> Optional[str]:
+        """Take a stream slot for ``key_id``; returns the name of a full limit instead."""
+        s = self.settings
+        if len(self.pumps) + self.opening >= s.max_streams:
+            return "streams"
+        if self.streams_per_key[key_id] >= s.max_streams_per_key:
+            return "streams-per-key"
+        self.opening += 1
+        self.streams_per_key[key_id] += 1
+        return None
+
+    def stream_started(self) -> None:
+        """A reserved slot became a stream (in ``pumps``; its key count stays)."""
+        self.opening -= 1
+
+    def release_stream(self, key_id: str) -> None:
+        """A reserved slot was not used (the stream was refused or the client left)."""
+        self.opening -= 1
+        self._key_done(key_id)
+
+    def _key_done(self, key_id: str) -> None:
+        self.streams_per_key[key_id] -= 1
+        if self.streams_per_key[key_id] <= 0:
+            del self.streams_per_key[key_id]
+
+    async def _watch_buffers(self) -> None:
+        while True:
+            await asyncio.sleep(BUFFER_CHECK_INTERVAL)
+            self.check_buffers()
+
+    def check_buffers(self) -> int:
+        """Hold every stream's destination side while all replay buffers together exceed
+        --max-buffered; let them read again below three quarters of it. Returns the sum."""
+        limit = self.settings.max_buffered
+        tunnels = [p for p in self.pumps if isinstance(p, TunnelPump)]
+        total = sum(p.stream.replay_bytes for p in tunnels)
+        if total > limit:
+            if not self.over_budget:
+                self.over_budget = True
+                self.metrics.limit_hits.labels("buffered").inc()
+                log.warning(
+                    "buffered bytes over --max-buffered; streams stop reading destinations"
+                    " until workers acknowledge",
+                    extra={"fields": {"buffered": total, "limit": limit}},
+                )
+            for pump in tunnels:  # again each time: streams opened since are held too
+                pump.hold_source(True)
+        elif self.over_budget and total <= limit * 3 // 4:
+            self.over_budget = False
+            log.info(
+                "buffered bytes back under --max-buffered; streams read again",
+                extra={"fields": {"buffered": total, "limit": limit}},
+            )
+            for pump in tunnels:
+                pump.hold_source(False)
+        return total
 
     # -- sessions -------------------------------------------------------------------------
     def register(self, session: ExitSession) -> None:
@@ -208,16 +340,15 @@ class RelayExit(Daemon):
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._budget_task is not None:
+            self._budget_task.cancel()
         await super().stop()
 
     def stream_done(self, pump: Union[TunnelPump, RawPump], result: str) -> None:
         super().stream_done(pump, result)
         if isinstance(pump, TunnelPump):
             self.forget(pump)
-        key = pump.info.key_id
-        self.streams_per_key[key] -= 1
-        if self.streams_per_key[key] <= 0:
-            del self.streams_per_key[key]
+        self._key_done(pump.info.key_id)
 
 
 EXPIRED_REMEMBERED = 10000
@@ -258,6 +389,8 @@ class ExitConnection(PlainProtocol):
         self._timer: Optional[asyncio.TimerHandle] = None
         self._task: Optional[asyncio.Future[None]] = None
         self._corked: Optional[list[bytes]] = None
+        self._slot = False  # holds a reserved stream slot of RelayExit
+        self._received = 0  # bytes received during the handshake
 
     # -- asyncio callbacks ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -265,10 +398,7 @@ class ExitConnection(PlainProtocol):
         relay_exit = self.exit
         self.started = time.monotonic()
         relay_exit.connections.add(self)
-        relay_exit.handshakes += 1
-        if relay_exit.handshakes > relay_exit.settings.max_handshakes:
-            self.metrics.limit_hits.labels("handshakes").inc()
-            log.warning("too many handshakes in progress; refusing a connection")
+        if not relay_exit.handshake_started(self):
             self._end_handshake()
             self.abort()
             return
@@ -282,6 +412,16 @@ class ExitConnection(PlainProtocol):
         if self.tunnel is not None:
             self.tunnel.carrier_data(data)
         elif self.in_handshake:
+            self._received += len(data)
+            if self._received > HANDSHAKE_BYTES_MAX:
+                self.metrics.limit_hits.labels("handshake-bytes").inc()
+                log.warning(
+                    "too many bytes before the stream started; closing",
+                    extra={"fields": {"peer": self._peer(), "bytes": self._received}},
+                )
+                self._end_handshake()
+                self.abort()
+                return
             self._advance(data)
         else:
             super().data_received(data)
@@ -321,7 +461,27 @@ class ExitConnection(PlainProtocol):
             self.transport.abort()
 
     # -- handshake ------------------------------------------------------------------------
+    def age(self) -> float:
+        return time.monotonic() - self.started
+
+    def evict(self) -> None:
+        """Make room for a new connection: the handshake limit is reached (see RelayExit)."""
+        self._end_handshake()
+        self.abort()
+
+    def tls_failed(self, exc: Exception) -> None:
+        """The TLS layer gave up: no TLS from the client, a bad record, a closed connection."""
+        if self.in_handshake:
+            self._fail("tls", str(exc))
+            return
+        self.metrics.protocol_errors.labels("tls").inc()
+        log.info(
+            "TLS failed on a carrier", extra={"fields": {"peer": self._peer(), "why": str(exc)}}
+        )
+        # The link closes; connection_lost then parks or ends the stream as for any loss.
+
     def _end_handshake(self) -> None:
+        self.exit.unauthenticated.pop(self, None)
         if self.in_handshake:
             self.in_handshake = False
             self.exit.handshakes -= 1
@@ -332,6 +492,7 @@ class ExitConnection(PlainProtocol):
     def _timed_out(self) -> None:
         self._timer = None
         self.metrics.protocol_errors.labels("handshake-timeout").inc()
+        self.metrics.limit_hits.labels("handshake-timeout").inc()
         log.info("handshake timed out", extra={"fields": {"peer": self._peer()}})
         self._end_handshake()
         self.abort()
@@ -425,6 +586,7 @@ class ExitConnection(PlainProtocol):
                 self._close_with(None)
                 return False
             self.key_id = event.username
+            self.exit.unauthenticated.pop(self, None)
             return True
         if isinstance(event, s5.Request):
             if event.command != s5.CMD_CONNECT:
@@ -451,6 +613,7 @@ class ExitConnection(PlainProtocol):
             reason = {hl.CLOCK_SKEW: "clock-skew", hl.REPLAY: "replay"}.get(status, "busy")
             return self._hello_refused(hello, status, reason)
         self.key_id = hello.key_id
+        self.exit.unauthenticated.pop(self, None)
         ours = int(settings.heartbeat * 1000)
         self.heartbeat_ms = max(MIN_HEARTBEAT_MS, min(ours, hello.heartbeat_ms or ours))
         session_id = os.urandom(hl.SESSION_ID_SIZE)
@@ -559,18 +722,25 @@ class ExitConnection(PlainProtocol):
             self.metrics.streams.labels("error").inc()
             self._end_handshake()
             self.abort()
+        finally:
+            if self._slot:
+                self._slot = False
+                self.exit.release_stream(self.key_id)
 
     async def _connect(self, request: s5.Request) -> None:
         relay_exit = self.exit
         settings = relay_exit.settings
-        if len(relay_exit.pumps) >= settings.max_streams:
-            self.metrics.limit_hits.labels("streams").inc()
-            self._refuse(s5.GENERAL_FAILURE, "limit", request, "too many streams")
+        full = relay_exit.reserve_stream(self.key_id)
+        if full is not None:
+            self.metrics.limit_hits.labels(full).inc()
+            why = "too many streams" if full == "streams" else "too many streams for this key"
+            log.warning(
+                "stream limit reached",
+                extra={"fields": {"key": self.key_id, "limit": full, "peer": self._peer()}},
+            )
+            self._refuse(s5.GENERAL_FAILURE, "limit", request, why)
             return
-        if relay_exit.streams_per_key[self.key_id] >= settings.max_streams_per_key:
-            self.metrics.limit_hits.labels("streams-per-key").inc()
-            self._refuse(s5.GENERAL_FAILURE, "limit", request, "too many streams for this key")
-            return
+        self._slot = True
         try:
             addresses = await self._resolve(request)
         except _Refusal as refusal:
@@ -591,6 +761,11 @@ class ExitConnection(PlainProtocol):
         if self.closed:
             if dest is not None:
                 dest[0].close()
+            return
+        if self.key_id not in settings.keys:  # revoked by a reload while we connected
+            if dest is not None:
+                dest[0].close()
+            self._refuse(s5.GENERAL_FAILURE, "revoked", request, "key revoked")
             return
         if dest is None:
             code, why = _connect_error(error)
@@ -653,7 +828,8 @@ class ExitConnection(PlainProtocol):
         self._end_handshake()
         early = self.socks.trailing()
         info = StreamInfo(os.urandom(4).hex(), _fmt((request.host, request.port)), self.key_id)
-        relay_exit.streams_per_key[self.key_id] += 1
+        relay_exit.stream_started()
+        self._slot = False
         if self.socks.method == hl.METHOD_TUNNEL:
             loop = asyncio.get_running_loop()
             stream = TunnelStream(
@@ -677,6 +853,8 @@ class ExitConnection(PlainProtocol):
             relay_exit.register(session)
             self.tunnel = pump
             pump.attach_plain(dest)
+            if relay_exit.over_budget:  # no reading until the buffers drained below the budget
+                pump.hold_source(True)
             pump.attach_carrier(self.transport, early, preface=preface)
         else:
             self.transport.write(preface)
@@ -694,6 +872,25 @@ class ExitConnection(PlainProtocol):
                 "fields": {"stream": info.stream_id, "key": self.key_id, "dest": info.destination}
             },
         )
+
+
+def raise_nofile(wanted: int) -> int:
+    """Raise the soft descriptor limit towards ``wanted`` (two per stream, one per handshake);
+    a limit too low makes accept() fail under load instead of a counted refusal."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "descriptor limit below what the stream limits need; raise LimitNOFILE / ulimit -n",
+            extra={"fields": {"nofile": soft, "needed": wanted}},
+        )
+    return int(soft)
 
 
 class _Refusal(Exception):

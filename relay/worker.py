@@ -34,6 +34,7 @@ from relay.pump import RESUME_FAILED, PlainProtocol, RawPump, StreamInfo, Tunnel
 from relay.secrets import load_secret, load_userpass
 from relay.sockopts import set_keepalive, set_nodelay, transport_socket
 from relay.sshhop import Login, SshHop, SshUnavailable
+from relay.tlslink import TlsClient, TlsError, TlsVerifyError, client_context, connect_tls
 
 log = logging.getLogger("relay.worker")
 
@@ -49,6 +50,8 @@ class WorkerSettings:
         self.ssh_key: Optional[Path] = kwargs.pop("ssh_key", None)
         self.known_hosts: Optional[Path] = kwargs.pop("known_hosts", None)
         self.exits: list[tuple[str, int]] = list(kwargs.pop("exits", []))
+        # TLS to the exits (None: plain TCP inside the SSH channel), see relay.tlslink.
+        self.exit_tls: Optional[TlsClient] = kwargs.pop("exit_tls", None)
         self.key_id: str = kwargs.pop("key_id", "")
         self.secret: bytes = kwargs.pop("secret", b"")
         self.upstream: Optional[tuple[str, int]] = kwargs.pop("upstream", None)
@@ -84,6 +87,11 @@ class WorkerSettings:
             ssh_key=cfg.ssh_key,
             known_hosts=cfg.known_hosts,
             exits=[(e.host, e.port) for e in cfg.exit],
+            exit_tls=(
+                TlsClient(client_context(cfg.exit_ca), cfg.exit_server_name, cfg.exit_fingerprint)
+                if cfg.exit_ca is not None or cfg.exit_fingerprint
+                else None
+            ),
             key_id=cfg.key_id or "",
             secret=load_secret(cfg.secret_file) if cfg.secret_file else b"",
             upstream=upstream,
@@ -250,7 +258,9 @@ class RelayWorker(Daemon):
         exit_host, exit_port = exit_addr
         carrier: Union[SshCarrier, TcpCarrier]
         try:
-            if self.ssh is not None:
+            if self.settings.exit_tls is not None:
+                carrier = await self._dial_tls(exit_addr, self.settings.exit_tls)
+            elif self.ssh is not None:
                 conn = await self.ssh.connection()
                 _, session = await conn.create_connection(SshCarrier, exit_host, exit_port)
                 assert isinstance(session, SshCarrier)
@@ -269,11 +279,50 @@ class RelayWorker(Daemon):
                 s5.GENERAL_FAILURE,
                 f"login node cannot reach exit {exit_host}:{exit_port}: {exc.reason}",
             ) from None
+        except TlsError as exc:
+            self.metrics.carriers.labels("tls-failed").inc()
+            where = format_hostport(exit_host, exit_port)
+            if isinstance(exc, TlsVerifyError):
+                self.metrics.auth_failures.labels("exit-tls").inc()
+                log.warning(
+                    "exit refused: its TLS certificate is not the one configured",
+                    extra={"fields": {"exit": where, "why": str(exc)}},
+                )
+                why = f"exit {where} refused: {exc} (check --exit-ca / --exit-fingerprint)"
+            else:
+                why = f"TLS with exit {where} failed: {exc} (does the exit have --tls-cert?)"
+            raise OpenFailed(s5.GENERAL_FAILURE, why) from None
         except (OSError, asyncssh.Error) as exc:
             self.metrics.carriers.labels("exit-unreachable").inc()
             raise OpenFailed(
                 s5.GENERAL_FAILURE, f"cannot reach exit {exit_host}:{exit_port}: {exc}"
             ) from None
+        return carrier
+
+    async def _dial_tls(self, exit_addr: tuple[str, int], tls: TlsClient) -> TcpCarrier:
+        """TLS over the direct-tcpip channel (or TCP), handshake finished and verified."""
+        host, port = exit_addr
+        open_raw: Callable[[Callable[[], Any]], Any]
+        if self.ssh is not None:
+            conn = await self.ssh.connection()
+
+            def open_raw(factory: Callable[[], Any]) -> Any:
+                return conn.create_connection(factory, host, port)
+
+        else:
+            loop = asyncio.get_running_loop()
+
+            def open_raw(factory: Callable[[], Any]) -> Any:
+                return loop.create_connection(factory, host, port)
+
+        link, carrier = await connect_tls(
+            open_raw, TcpCarrier, tls, host, self.settings.connect_timeout
+        )
+        if self.ssh is None:
+            sock = transport_socket(link.raw)
+            set_keepalive(sock, self.settings.tcp_keepalive)
+            set_nodelay(sock)
+        assert isinstance(carrier, TcpCarrier)
         return carrier
 
     async def _handshake(self, carrier: Union[SshCarrier, TcpCarrier]) -> Opened:

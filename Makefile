@@ -38,6 +38,13 @@ docs: venv
 	$(BIN)/python -m relay.configdoc > docs/CONFIG.md.tmp
 	mv docs/CONFIG.md.tmp docs/CONFIG.md
 
+## long coverage-guided fuzzing of the protocol codecs (atheris; FUZZ_SECONDS, default 600)
+FUZZ_SECONDS ?= 600
+.PHONY: fuzz
+fuzz: venv
+	$(BIN)/python -m pip install -q atheris
+	$(BIN)/python tests/fuzz/fuzz_codecs.py -max_total_time=$(FUZZ_SECONDS) .fuzz-corpus
+
 ## the fast tests only: no root, no namespaces
 unit: venv
 	$(BIN)/pytest -m "not netns" $(PYTEST_ARGS)

@@ -412,7 +412,7 @@ def test_ack_every_threshold() -> None:
 
 def test_default_ack_every() -> None:
     assert make(limit=LIMIT).ack_every == 64 * 1024
-    assert make(limit=8 * 1024 * 1024).ack_every == 1024 * 1024
+    assert make(limit=8 * 1024 * 1024).ack_every == 2 * 1024 * 1024  # a quarter of the buffer
 
 
 @pytest.mark.parametrize(

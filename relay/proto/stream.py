@@ -220,7 +220,7 @@ class TunnelStream:
         wake-up grows with its number of channels, wakes up once for many of them.
         """
         exact = self.deadline
-        aligned = math.floor(exact / self._grid) * self._grid
+        aligned = min(exact, math.floor(exact / self._grid) * self._grid)  # float rounding
         return aligned if aligned > now else exact
 
     def poll(self, now: float) -> bytes:

@@ -479,4 +479,4 @@ def test_operator_docs_point_at_files_that_exist() -> None:
             assert (REPO / path).exists(), f"{doc.name} names {path}, which does not exist"
     operations = (REPO / "docs" / "OPERATIONS.md").read_text()
     assert "](CONFIG.md)" in operations and "](METRICS.md)" in operations
-    assert "BENCH NUMBERS" in operations  # the place the measured numbers go
+    assert "](PERFORMANCE.md)" in operations  # where the measured numbers come from

@@ -673,19 +673,7 @@ class ExitConnection(PlainProtocol):
             self.transport, self.socks.trailing(), hello.recv_offset, self._take_corked()
         )
         self.metrics.resumes.labels("ok").inc()
-        log.info(
-            "stream resumed",
-            extra={
-                "fields": {
-                    "stream": pump.info.stream_id,
-                    "key": pump.info.key_id,
-                    "dest": pump.info.destination,
-                    "gap": round(gap, 3),
-                    "replayed": replayed,
-                    "received": pump.stream.recv_offset,
-                }
-            },
-        )
+        pump.info.log_resumed(gap, replayed, pump.stream.recv_offset)
         return False
 
     def _hello_refused(self, hello: hl.Hello, status: int, reason: str) -> bool:

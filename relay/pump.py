@@ -112,6 +112,19 @@ class StreamInfo:
         self.up = 0
         self.down = 0
 
+    def log_resumed(self, gap: float, replayed: int, received: int, **extra: object) -> None:
+        """The line per resume: how long the stream had no carrier and what was sent again."""
+        fields = {
+            "stream": self.stream_id,
+            "key": self.key_id,
+            "dest": self.destination,
+            "gap": round(gap, 3),
+            "replayed": replayed,
+            "received": received,
+        }
+        fields.update(extra)
+        log.info("stream resumed", extra={"fields": fields})
+
     def log_end(self, result: str, reason: str) -> None:
         """The one line per stream an operator greps for."""
         log.info(

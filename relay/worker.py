@@ -397,18 +397,11 @@ class RelayWorker(Daemon):
                         return
                     replayed = carrier.attach(pump, opened.established.peer_offset)
                     self.metrics.resumes.labels("ok").inc()
-                    log.info(
-                        "stream resumed",
-                        extra={
-                            "fields": {
-                                "stream": pump.info.stream_id,
-                                "dest": pump.info.destination,
-                                "gap": round(time.monotonic() - session.lost_at, 3),
-                                "attempts": attempt + 1,
-                                "replayed": replayed,
-                                "received": pump.stream.recv_offset,
-                            }
-                        },
+                    pump.info.log_resumed(
+                        time.monotonic() - session.lost_at,
+                        replayed,
+                        pump.stream.recv_offset,
+                        attempts=attempt + 1,
                     )
                     return
             if time.monotonic() >= deadline:

@@ -73,7 +73,6 @@ class TunnelStream:
         self.last_recv = now
         self.leads_heartbeat = leads_heartbeat
         """The worker leads; the exit only pings when the worker's PINGs stop coming."""
-        self._peer_pings = False
 
     # -- outbound -------------------------------------------------------------------------
     @property
@@ -136,7 +135,6 @@ class TunnelStream:
                 self._on_ack(frame, events)
             elif type(frame) is fr.Ping:
                 reply += fr.encode_pong(frame.token)
-                self._peer_pings = not self.leads_heartbeat
             elif type(frame) is fr.Pong:
                 rtt = now - frame.token / 1e6
                 if 0 <= rtt < 3600:
@@ -200,9 +198,10 @@ class TunnelStream:
 
     @property
     def _ping_after(self) -> float:
-        # While the leading peer's PINGs arrive, our PONGs keep the carrier busy; waiting a
-        # bit longer than its interval stops both ends from pinging in the same instant.
-        return self.heartbeat * 1.5 if self._peer_pings else self.heartbeat
+        # The side that does not lead waits longer than the leader's interval: while the
+        # leader's PINGs arrive, its PONGs keep the carrier busy, and the two never race to
+        # ping at the same instant (timers of both sides share the heartbeat grid).
+        return self.heartbeat if self.leads_heartbeat else self.heartbeat * 1.5
 
     def is_dead(self, now: float) -> bool:
         """No frame for ``heartbeat * misses``: the carrier is gone even if TCP has not noticed."""
@@ -237,7 +236,6 @@ class TunnelStream:
         ):
             out += self._ack()
         out += fr.encode_ping(int(now * 1e6))
-        self._peer_pings = False
         self.last_send = now
         return out
 

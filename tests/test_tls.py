@@ -207,6 +207,29 @@ async def test_server_name_checks_a_name_when_dialling_an_address(pki: Pki, logi
         await good.close()
 
 
+async def test_reload_swaps_the_certificate_for_new_connections(pki: Pki, login: Sshd) -> None:
+    relay_exit = tls_exit(pki)
+    await relay_exit.start()
+    servers = Servers()
+    port = await servers.start(echo_handler)
+    worker = RelayWorker(
+        worker_settings(login, relay_exit.address, exit_tls=with_pin(pki.self_signed.sha256))
+    )
+    await worker.start()
+    try:
+        with pytest.raises(ProxyError):
+            await echo_once(worker, port)
+        settings = relay_exit.settings
+        fresh = server_context(pki.self_signed.cert, pki.self_signed.key)
+        relay_exit.reload(settings.keys, settings.policy, fresh, fingerprint(pki.self_signed.der))
+        assert await echo_once(worker, port) == b"ping\n"
+        assert relay_exit.settings.tls_fingerprint == fingerprint(pki.self_signed.der)
+    finally:
+        await worker.stop()
+        await relay_exit.stop()
+        await servers.close()
+
+
 # -- refusals --------------------------------------------------------------------------------
 
 

@@ -239,7 +239,10 @@ class RelayExit(Daemon):
     async def _watch_buffers(self) -> None:
         while True:
             await asyncio.sleep(BUFFER_CHECK_INTERVAL)
-            self.check_buffers()
+            try:
+                self.check_buffers()
+            except Exception:  # a bug here must not end the watch for good
+                log.exception("checking the buffer budget failed")
 
     def check_buffers(self) -> int:
         """Hold every stream's destination side while all replay buffers together exceed

@@ -192,7 +192,7 @@ class ReplayGuard:
         self._next_expire = 0
 
     def check(self, timestamp_ms: int, nonce: bytes, now_ms: int) -> int:
-        """Return OK, CLOCK_SKEW or REPLAY (FAILURE when full); records the nonce when OK."""
+        """Return OK, CLOCK_SKEW, REPLAY, or BUSY when full; records the nonce when OK."""
         if abs(timestamp_ms - now_ms) > self.window_ms:
             return CLOCK_SKEW
         if nonce in self._seen:
@@ -200,7 +200,7 @@ class ReplayGuard:
         if now_ms >= self._next_expire or len(self._seen) >= self.max_entries:
             self.expire(now_ms)  # at most once a window unless full: amortised O(1)
             if len(self._seen) >= self.max_entries:
-                return FAILURE
+                return BUSY
         self._seen[nonce] = timestamp_ms
         return OK
 

@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Sequence
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from relay import __version__
 from relay.config import load_exit_config, load_worker_config
@@ -71,17 +71,27 @@ def _run(main: Awaitable[int]) -> int:
         return EXIT_OK
 
 
+def _settings(
+    prog: str, load: Callable[[list[str]], Any], build: Callable[[Any], Any], args: list[str]
+) -> Any:
+    """Config and settings from ``args`` (None after printing the one-line error), then
+    logging and the event loop as the config says."""
+    try:
+        cfg = load(args)
+        settings = build(cfg)
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return None
+    setup_logging(cfg.log_format, cfg.log_level)
+    log.info("%s %s starting (%s)", prog, __version__, use_uvloop(not cfg.no_uvloop))
+    return settings
+
+
 def exit_main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_exit_config(args)
-        settings = ExitSettings.from_config(cfg)
-    except ConfigError as exc:
-        print(f"relay-exit: error: {exc}", file=sys.stderr)
+    settings = _settings("relay-exit", load_exit_config, ExitSettings.from_config, args)
+    if settings is None:
         return EXIT_USAGE
-    setup_logging(cfg.log_format, cfg.log_level)
-    loop_name = use_uvloop(not cfg.no_uvloop)
-    log.info("relay-exit %s starting (%s)", __version__, loop_name)
     daemon = RelayExit(settings)
 
     def reload() -> None:
@@ -104,15 +114,9 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
         from relay.check import check_main
 
         return check_main(args[1:])
-    try:
-        cfg = load_worker_config(args)
-        settings = WorkerSettings.from_config(cfg)
-    except ConfigError as exc:
-        print(f"relay-worker: error: {exc}", file=sys.stderr)
+    settings = _settings("relay-worker", load_worker_config, WorkerSettings.from_config, args)
+    if settings is None:
         return EXIT_USAGE
-    setup_logging(cfg.log_format, cfg.log_level)
-    loop_name = use_uvloop(not cfg.no_uvloop)
-    log.info("relay-worker %s starting (%s)", __version__, loop_name)
     return _run(_serve(RelayWorker(settings), None))
 
 

@@ -890,7 +890,8 @@ class _Parser(argparse.ArgumentParser):
         raise _err(message)
 
 
-_KIND_METAVAR = {
+KIND_METAVAR = {
+    # the placeholder a flag of each kind shows in --help and in docs/CONFIG.md
     "str": "TEXT",
     "int": "N",
     "float": "NUMBER",
@@ -935,7 +936,7 @@ def build_parser(prog: str, options: Sequence[Option]) -> argparse.ArgumentParse
             continue
         metavar = opt.metavar
         if metavar is None:
-            metavar = "{" + ",".join(opt.choices) + "}" if opt.choices else _KIND_METAVAR[opt.kind]
+            metavar = "{" + ",".join(opt.choices) + "}" if opt.choices else KIND_METAVAR[opt.kind]
         parser.add_argument(
             opt.flag,
             dest=opt.key,

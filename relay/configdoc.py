@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from relay.config import EXIT_OPTIONS, WORKER_OPTIONS, Option
+from relay.config import EXIT_OPTIONS, KIND_METAVAR, WORKER_OPTIONS, Option
 
 __all__ = ["generate", "main"]
 
@@ -25,18 +25,6 @@ _KIND = {
     "login": "[USER@]HOST[:PORT]",
     "choice": "choice",
     "size": "size",
-}
-
-_METAVAR = {
-    "str": "TEXT",
-    "int": "N",
-    "float": "NUMBER",
-    "hostport": "HOST:PORT",
-    "path": "FILE",
-    "secret-path": "FILE",
-    "rule": "RULE",
-    "login": "USER@HOST:PORT",
-    "size": "SIZE",
 }
 
 _HEADER = """\
@@ -98,7 +86,7 @@ def _flag(opt: Option) -> str:
     if opt.kind == "bool":
         return f"`{opt.flag}`"
     metavar = opt.metavar or ("{" + ",".join(opt.choices) + "}" if opt.choices else None)
-    return f"`{opt.flag} {metavar or _METAVAR[opt.kind]}`"
+    return f"`{opt.flag} {metavar or KIND_METAVAR[opt.kind]}`"
 
 
 def _table(options: Sequence[Option], toml: bool = True) -> list[str]:

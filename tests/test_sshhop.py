@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from relay.metrics import Metrics
-from relay.sshhop import ConnectBudget, Login, SshHop, SshUnavailable
-from tests.helpers import metric
+from relay.sshhop import BatchedWrites, ConnectBudget, Login, SshHop, SshUnavailable
+from tests.helpers import Servers, echo_handler, metric
 from tests.lab.sshd import Sshd, start_sshd
 
 
@@ -61,3 +63,77 @@ async def test_failover_starts_with_the_node_that_worked(tmp_path) -> None:
         await hop.close()
         first.stop()
         second.stop()
+
+
+async def test_packets_of_one_callback_leave_in_one_write(sshd: Sshd) -> None:
+    """Channel writes made in one callback reach the socket as one writelines(), in order.
+
+    asyncssh keeps its transport in ``_transport`` and writes every SSH packet to it; this
+    fails if a new asyncssh stops writing through the transport the tunnel hook gave it.
+    """
+    servers = Servers()
+    port = await servers.start(echo_handler)
+    login = Login(sshd.user, sshd.host, sshd.port)
+    hop = SshHop([login], sshd.client_key, sshd.known_hosts, Metrics("worker"))
+    try:
+        conn = await hop.connection()
+        link = conn._transport
+        assert isinstance(link, BatchedWrites)
+        reader, writer = await conn.open_connection("127.0.0.1", port)
+        await asyncio.sleep(0.1)
+        flushes = []
+        real_writelines = link.transport.writelines
+
+        def counting(chunks: list[bytes]) -> None:
+            flushes.append(len(chunks))
+            real_writelines(chunks)
+
+        link.transport.writelines = counting
+        pieces = [bytes([i]) * 1000 for i in range(64)]
+        for piece in pieces:
+            writer.write(piece)  # one SSH packet each
+        echoed = await asyncio.wait_for(reader.readexactly(64_000), 10)
+        assert echoed == b"".join(pieces)
+        assert flushes and flushes[0] >= 64
+        writer.close()
+    finally:
+        await hop.close()
+        await servers.close()
+
+
+def test_batched_writes_keep_order_and_flush_before_abort() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        sent: list[bytes] = []
+
+        class Sink:
+            closed = False
+
+            def writelines(self, chunks: list[bytes]) -> None:
+                sent.extend(chunks)
+
+            def is_closing(self) -> bool:
+                return self.closed
+
+            def abort(self) -> None:
+                self.closed = True
+
+            def get_write_buffer_size(self) -> int:
+                return 0
+
+        link = BatchedWrites(Sink(), loop)
+        link.write(b"a")
+        link.writelines([b"b", b"c"])
+        assert sent == [] and link.get_write_buffer_size() == 3
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        assert sent == [b"a", b"b", b"c"]
+        link.write(b"d")
+        link.abort()
+        assert sent[-1] == b"d" and link.transport.closed
+        link.write(b"e")  # after abort: dropped with the connection, never raised
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        assert sent[-1] == b"d"
+    finally:
+        loop.close()

@@ -303,6 +303,10 @@ async def hello_check(worker: RelayWorker, exit_host: str, exit_port: int) -> No
 # --------------------------------------------------------------------------- attached worker
 
 
+VERDICT_WAIT = 10.0
+"""Seconds an attached probe waits for the exit's answer behind an optimistic reply."""
+
+
 class AttachedCheck(Check):
     """Readiness through a running worker's SOCKS5 listener (``--attach``)."""
 
@@ -350,6 +354,9 @@ class AttachedCheck(Check):
                     writer.write(client.request(s5.CMD_CONNECT, probe.host, probe.port))
                 elif isinstance(event, s5.Reply):
                     if event.code == s5.SUCCEEDED:
+                        if event.port == 0:  # answered before the exit: optimistic data
+                            assert probe is not None
+                            await self._verdict(probe, reader, writer)
                         return
                     answer = s5.REPLY_NAMES.get(event.code, f"reply {event.code}")
                     hop = "probe" if event.code in REFUSALS else "chain"
@@ -359,6 +366,25 @@ class AttachedCheck(Check):
             raise NotReady(self.hop, f"{where}: {exc}") from None
         finally:
             writer.close()
+
+
+    async def _verdict(
+        self, probe: HostPort, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """The worker answered before the exit did; learn the exit's answer from the stream.
+
+        Half-closing makes a destination that accepted close too (a clean end of stream); a
+        stream the exit refused is reset. A destination that stays open is taken as ready.
+        """
+        writer.write_eof()
+        try:
+            await asyncio.wait_for(reader.read(), VERDICT_WAIT)
+        except asyncio.TimeoutError:
+            return
+        except ConnectionResetError:
+            raise NotReady(
+                "probe", f"{probe}: the exit refused the stream (reset; the worker's log says why)"
+            ) from None
 
 
 async def _events(client: s5.Socks5Client, reader: asyncio.StreamReader) -> Any:

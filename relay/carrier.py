@@ -70,6 +70,19 @@ class CarrierBase:
             pump.carrier_lost(self._lost, self.link)
         return replayed
 
+    def hand_over(self, pump: TunnelPump) -> None:
+        """Give the data phase to ``pump``, which has sent on this carrier since right after
+        the first flight (optimistic data): nothing is sent again, held bytes go to it."""
+        self.pump = pump
+        held = b"".join(self._held)
+        self._held.clear()
+        if self.opener is not None:
+            held = self.opener.trailing() + held
+            self.opener = None
+        pump.carrier_confirmed(held)
+        if self._lost is not None:
+            pump.carrier_lost(self._lost, self.link)
+
     def _current(self) -> bool:
         """True while this carrier is the one its stream uses (not one replaced by a resume)."""
         return self.pump is not None and self.pump.carrier is self.link

@@ -434,6 +434,13 @@ WORKER_OPTIONS: tuple[Option, ...] = (
         " jitter, starting at 0.25 s)",
     ),
     Option(
+        "no-optimistic",
+        "bool",
+        False,
+        "wait for the exit to confirm a stream before answering the local client (a refusal"
+        " then is a SOCKS5 / HTTP error reply instead of a reset, at one more round trip)",
+    ),
+    Option(
         "ssh-connect-rate",
         "float",
         4.0,
@@ -512,6 +519,7 @@ class WorkerConfig:
     ssh_keepalive: float
     connect_timeout: float
     reconnect_max: float
+    no_optimistic: bool
     ssh_connect_rate: float
     resume_timeout: float
     tcp_keepalive: float

@@ -34,6 +34,13 @@ HEARTBEAT_TIMEOUT = "heartbeat-timeout"
 PROTOCOL_ERROR = "protocol-error"
 SHUTDOWN = "shutdown"
 
+REFUSED = "refused"
+
+UNCONFIRMED_BYTES = 64 * 1024
+"""What an optimistic stream sends before the exit has confirmed its CONNECT: enough for a
+request line or a TLS ClientHello, and well inside the exit's limit on bytes that may arrive
+before a stream starts."""
+
 _RST_RESULT = {
     fr.RST_PEER_RESET: PEER_RESET,
     fr.RST_PROTOCOL: PROTOCOL_ERROR,
@@ -177,6 +184,7 @@ class TunnelPump:
         plain_is_client: bool,
         on_done: Optional[Callable[[TunnelPump, str], None]] = None,
         on_carrier_lost: Optional[Callable[[TunnelPump, str], bool]] = None,
+        unconfirmed_limit: Optional[int] = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.stream = stream
@@ -196,6 +204,8 @@ class TunnelPump:
         self._sent_unflushed = 0
         self._recv_unflushed = 0
         self.done: Optional[str] = None
+        self._unconfirmed_limit = unconfirmed_limit
+        """Set while the exit has not confirmed the stream: reading stops at this offset."""
         metrics.streams_active.inc()
 
     # -- wiring ---------------------------------------------------------------------------
@@ -253,6 +263,31 @@ class TunnelPump:
                 carrier.resume_reading()
         return replayed
 
+    def carrier_confirmed(self, held: bytes = b"") -> None:
+        """The exit accepted the stream this pump already sends on (optimistic data).
+
+        ``held`` is what arrived behind the CONNECT reply; the carrier reads on after it.
+        """
+        self._unconfirmed_limit = None
+        if self.done is not None:
+            return
+        self._plain_reading.resume("unconfirmed")
+        if held:
+            self.carrier_data(held)
+        carrier = self.carrier
+        if carrier is not None and self.done is None:
+            if self._carrier_reading.reasons:
+                carrier.pause_reading()
+            else:
+                carrier.resume_reading()
+
+    def detach_carrier(self) -> None:
+        """Let go of a carrier whose handshake failed; every byte stays in the replay buffer
+        for the next carrier, which sends it again from offset 0."""
+        self._cancel_timer()
+        self._set_carrier(None)
+        self._carrier_reading.target = None
+
     # -- plain side -----------------------------------------------------------------------
     def plain_data(self, data: bytes) -> None:
         if self.done is not None:
@@ -266,6 +301,9 @@ class TunnelPump:
             return
         if stream.window <= 0:
             self._plain_reading.pause("window")
+        limit = self._unconfirmed_limit
+        if limit is not None and stream.send_offset >= limit:
+            self._plain_reading.pause("unconfirmed")
 
     def plain_eof(self) -> bool:
         self._plain_eof_seen = True

@@ -30,7 +30,15 @@ from relay.proto import ProtocolError
 from relay.proto import hello as hl
 from relay.proto import socks5 as s5
 from relay.proto.stream import TunnelStream
-from relay.pump import RESUME_FAILED, PlainProtocol, RawPump, StreamInfo, TunnelPump
+from relay.pump import (
+    REFUSED,
+    RESUME_FAILED,
+    UNCONFIRMED_BYTES,
+    PlainProtocol,
+    RawPump,
+    StreamInfo,
+    TunnelPump,
+)
 from relay.secrets import load_secret, load_userpass
 from relay.sockopts import set_keepalive, set_nodelay, transport_socket
 from relay.sshhop import Login, SshHop, SshUnavailable
@@ -67,6 +75,8 @@ class WorkerSettings:
         self.resume_timeout: float = kwargs.pop("resume_timeout", 600.0)
         self.tcp_keepalive: float = kwargs.pop("tcp_keepalive", 60.0)
         self.replay_buffer: int = kwargs.pop("replay_buffer", 4 * 1024 * 1024)
+        # Answer local clients at once and send their first bytes behind the CONNECT.
+        self.optimistic: bool = kwargs.pop("optimistic", True)
         self.metrics_host: Optional[str] = kwargs.pop("metrics_host", None)
         self.metrics_port: int = kwargs.pop("metrics_port", 0)
         # HTTP CONNECT listener (None = off) and static forwards, see relay.listeners.
@@ -107,6 +117,7 @@ class WorkerSettings:
             resume_timeout=cfg.resume_timeout,
             tcp_keepalive=cfg.tcp_keepalive,
             replay_buffer=cfg.replay_buffer,
+            optimistic=not cfg.no_optimistic,
             metrics_host=cfg.metrics.host if cfg.metrics else None,
             metrics_port=cfg.metrics.port if cfg.metrics else 0,
             http_host=cfg.http.host if cfg.http else None,
@@ -167,6 +178,8 @@ class RelayWorker(Daemon):
         self._next_exit = 0
         self._exit_failed: dict[tuple[str, int], float] = {}
         self.sessions: dict[TunnelPump, Session] = {}
+        self._opening: set[TunnelPump] = set()
+        """Optimistic streams whose CONNECT the exit has not answered yet."""
         self._resume_slots = asyncio.Semaphore(RESUME_CONCURRENCY)
         self._stopping = False
         self._forward: Optional[tuple[Any, Any]] = None
@@ -222,11 +235,15 @@ class RelayWorker(Daemon):
         healthy = [e for e in rotated if self._exit_failed.get(e, -1e9) + EXIT_PENALTY < now]
         return healthy + [e for e in rotated if e not in healthy]
 
-    async def open_carrier(self, host: str, port: int) -> tuple[Any, Opened, tuple[str, int]]:
+    async def open_carrier(
+        self, host: str, port: int, pump: Optional[TunnelPump] = None
+    ) -> tuple[Any, Opened, tuple[str, int]]:
         """Open a carrier to an exit and run the handshake for ``host:port``.
 
         An exit that cannot be reached is skipped for a while and the next one tried, so
-        losing one exit VM costs new streams nothing but the failed attempt.
+        losing one exit VM costs new streams nothing but the failed attempt. With ``pump``
+        (optimistic data) the stream sends on the carrier right behind its CONNECT; after a
+        failed handshake the next carrier sends it all again from the start.
         """
         s = self.settings
         failure: Optional[OpenFailed] = None
@@ -240,6 +257,11 @@ class RelayWorker(Daemon):
                 self._exit_failed[exit_addr] = time.monotonic()
                 continue
             carrier.start(new_opener(s.secret, s.key_id, s.heartbeat, (host, port)))
+            if pump is not None:
+                if pump.done is not None:
+                    carrier.link.close()
+                    raise OpenFailed(s5.GENERAL_FAILURE, "client gone")
+                pump.attach_carrier(carrier.link)
             try:
                 opened = await self._handshake(carrier)
             except TunnelRefused as exc:
@@ -247,6 +269,8 @@ class RelayWorker(Daemon):
             except OpenFailed as exc:  # the exit dropped the carrier: try the next one
                 failure = exc
                 self._exit_failed[exit_addr] = time.monotonic()
+                if pump is not None:
+                    pump.detach_carrier()
                 continue
             self._exit_failed.pop(exit_addr, None)
             return carrier, opened, exit_addr
@@ -342,6 +366,8 @@ class RelayWorker(Daemon):
     # -- resume ---------------------------------------------------------------------------
     def _carrier_lost(self, pump: TunnelPump, why: str) -> bool:
         """A stream lost its carrier: get it back in the background (True) or give up."""
+        if pump in self._opening:
+            return True  # the handshake fails with it; open_carrier tries the next exit
         session = self.sessions.get(pump)
         if session is None or self._stopping:
             return False
@@ -476,6 +502,8 @@ class RelayWorker(Daemon):
                     self.open_upstream(host, port), self.settings.connect_timeout + 5
                 )
                 await self._start_raw(client, sock, info, reply)
+            elif self.settings.optimistic:
+                await self._start_optimistic(client, host, port, info, reply)
             else:
                 await self._start_tunnel(client, host, port, info, reply)
             self.metrics.handshake.observe(time.monotonic() - started)
@@ -520,10 +548,19 @@ class RelayWorker(Daemon):
                 return
             raise OpenFailed(connected.code, "exit: " + s5.REPLY_NAMES.get(connected.code, "?"))
         reply(s5.SUCCEEDED, connected.host, connected.port)
-        loop = asyncio.get_running_loop()
+        pump = self._new_pump(info, opened.established.heartbeat_ms / 1000)
+        est = opened.established
+        self.sessions[pump] = Session(exit_addr, est.session_id, est.session_key)
+        pump.attach_plain(client)
+        carrier.attach(pump)
+
+    def _new_pump(
+        self, info: StreamInfo, heartbeat: float, unconfirmed_limit: Optional[int] = None
+    ) -> TunnelPump:
+        s = self.settings
         stream = TunnelStream(
-            heartbeat=opened.established.heartbeat_ms / 1000,
-            now=loop.time(),
+            heartbeat=heartbeat,
+            now=asyncio.get_running_loop().time(),
             misses=s.heartbeat_misses,
             replay_limit=s.replay_buffer,
         )
@@ -534,12 +571,50 @@ class RelayWorker(Daemon):
             plain_is_client=True,
             on_done=self.stream_done,
             on_carrier_lost=self._carrier_lost,
+            unconfirmed_limit=unconfirmed_limit,
         )
         self.pumps.add(pump)
-        est = opened.established
-        self.sessions[pump] = Session(exit_addr, est.session_id, est.session_key)
+        return pump
+
+    async def _start_optimistic(
+        self, client: PlainProtocol, host: str, port: int, info: StreamInfo, reply: ReplyFn
+    ) -> None:
+        """Answer the client now and send its first bytes right behind the CONNECT.
+
+        Connect and first exchange then cost one round trip to the exit. A stream the exit
+        refuses, or that no exit takes, reaches the client as a reset instead of a reply.
+        """
+        s = self.settings
+        reply(s5.SUCCEEDED, "0.0.0.0", 0)
+        pump = self._new_pump(info, s.heartbeat, UNCONFIRMED_BYTES)
         pump.attach_plain(client)
-        carrier.attach(pump)
+        if pump.done is not None:
+            return
+        self._opening.add(pump)
+        try:
+            carrier, opened, exit_addr = await asyncio.wait_for(
+                self.open_carrier(host, port, pump), s.connect_timeout + 5
+            )
+        except OpenFailed as exc:
+            pump.abandon(REFUSED, str(exc))
+            return
+        except asyncio.TimeoutError:
+            pump.abandon(REFUSED, "timed out opening the stream")
+            return
+        finally:
+            self._opening.discard(pump)
+        connected = opened.connected
+        assert connected is not None
+        if pump.done is not None:
+            carrier.link.close()
+            return
+        if connected.code != s5.SUCCEEDED:
+            pump.abandon(REFUSED, "exit: " + s5.REPLY_NAMES.get(connected.code, "?"))
+            return
+        est = opened.established
+        pump.stream.heartbeat = est.heartbeat_ms / 1000
+        self.sessions[pump] = Session(exit_addr, est.session_id, est.session_key)
+        carrier.hand_over(pump)
 
     async def _start_raw(
         self, client: PlainProtocol, sock: Any, info: StreamInfo, reply: ReplyFn

@@ -13,6 +13,7 @@ from python_socks import ProxyError
 from python_socks.async_.asyncio import Proxy
 
 from relay.exit import RelayExit
+from relay.proto import frames as fr
 from relay.proto import hello as hl
 from relay.proto import socks5 as s5
 from relay.worker import RelayWorker
@@ -169,7 +170,9 @@ async def test_bind_and_udp_are_not_supported(chain: Chain, command: int):
 
 
 async def test_worker_with_wrong_secret_is_refused_by_the_exit(chain: Chain):
-    wrong = RelayWorker(worker_settings(chain.sshd, chain.exit.address, secret=b"x" * 32))
+    wrong = RelayWorker(
+        worker_settings(chain.sshd, chain.exit.address, secret=b"x" * 32, optimistic=False)
+    )
     await wrong.start()
     try:
         proxy = Proxy.from_url(f"socks5://{USER}:{PASSWORD}@127.0.0.1:{wrong.address[1]}")
@@ -183,7 +186,9 @@ async def test_worker_with_wrong_secret_is_refused_by_the_exit(chain: Chain):
 
 
 async def test_unknown_key_id_is_refused(chain: Chain):
-    wrong = RelayWorker(worker_settings(chain.sshd, chain.exit.address, key_id="nobody"))
+    wrong = RelayWorker(
+        worker_settings(chain.sshd, chain.exit.address, key_id="nobody", optimistic=False)
+    )
     await wrong.start()
     try:
         proxy = Proxy.from_url(f"socks5://{USER}:{PASSWORD}@127.0.0.1:{wrong.address[1]}")
@@ -256,7 +261,7 @@ async def test_denied_destinations_get_not_allowed(chain: Chain, host: str, reas
     """Under a broad allow rule, default-denied ranges stay denied, also behind a name."""
     strict = RelayExit(exit_settings("0.0.0.0/0:*", "[::]/0:*", ".localhost:*"))
     await strict.start()
-    worker = RelayWorker(worker_settings(chain.sshd, strict.address))
+    worker = RelayWorker(worker_settings(chain.sshd, strict.address, optimistic=False))
     await worker.start()
     try:
         proxy = Proxy.from_url(f"socks5://{USER}:{PASSWORD}@127.0.0.1:{worker.address[1]}")
@@ -273,7 +278,7 @@ async def test_denied_destinations_get_not_allowed(chain: Chain, host: str, reas
 async def test_port_outside_the_rule_is_denied(chain: Chain):
     narrow = RelayExit(exit_settings(f"127.0.0.1:{chain.http_port}"))
     await narrow.start()
-    worker = RelayWorker(worker_settings(chain.sshd, narrow.address))
+    worker = RelayWorker(worker_settings(chain.sshd, narrow.address, optimistic=False))
     await worker.start()
     try:
         proxy = Proxy.from_url(f"socks5://{USER}:{PASSWORD}@127.0.0.1:{worker.address[1]}")
@@ -289,7 +294,7 @@ async def test_port_outside_the_rule_is_denied(chain: Chain):
 
 
 async def test_exit_unreachable_from_login_node_is_a_general_failure(chain: Chain):
-    worker = RelayWorker(worker_settings(chain.sshd, ("127.0.0.1", 1)))
+    worker = RelayWorker(worker_settings(chain.sshd, ("127.0.0.1", 1), optimistic=False))
     await worker.start()
     try:
         proxy = Proxy.from_url(f"socks5://{USER}:{PASSWORD}@127.0.0.1:{worker.address[1]}")
@@ -326,3 +331,115 @@ async def _eventually(predicate, timeout: float = 5.0) -> bool:
             return True
         await asyncio.sleep(0.05)
     return bool(predicate())
+
+
+# -- optimistic data: the client is answered at once, its first bytes ride with the CONNECT ---
+
+
+async def test_optimistic_refusal_reaches_the_client_as_a_reset(chain: Chain):
+    strict = RelayExit(exit_settings(f"127.0.0.1:{chain.http_port}"))
+    await strict.start()
+    worker = RelayWorker(worker_settings(chain.sshd, strict.address))
+    await worker.start()
+    try:
+        proxy = Proxy.from_url(f"socks5://{USER}:{PASSWORD}@127.0.0.1:{worker.address[1]}")
+        sock = await proxy.connect("127.0.0.1", chain.echo_port, timeout=20)  # answered at once
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"hello?\n")
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 15)
+        writer.close()
+    finally:
+        await worker.stop()
+        await strict.stop()
+    assert metric(strict.metrics, "relay_policy_denials_total", reason="port") == 1
+    assert metric(worker.metrics, "relay_streams_total", result="refused") == 1
+
+
+class _SilentExit:
+    """Accepts carriers, records what arrives, answers nothing (or closes at once)."""
+
+    def __init__(self, close_after_first_read: bool = False) -> None:
+        self.received = bytearray()
+        self.first_read = asyncio.get_running_loop().create_future()
+        self.close_after_first_read = close_after_first_read
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> tuple[str, int]:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return "127.0.0.1", int(self.server.sockets[0].getsockname()[1])
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        while True:
+            data = await reader.read(1 << 20)
+            if not data:
+                return
+            self.received += data
+            if not self.first_read.done():
+                self.first_read.set_result(None)
+            if self.close_after_first_read:
+                writer.transport.abort()
+                return
+
+    async def close(self) -> None:
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+        await self.server.wait_closed()
+
+
+async def test_optimistic_first_bytes_follow_the_connect_before_any_answer():
+    """The exit has not answered yet, and the client's bytes are already behind its CONNECT;
+    what is sent unconfirmed is bounded."""
+    silent = _SilentExit()
+    address = await silent.start()
+    worker = RelayWorker(worker_settings(None, address))
+    await worker.start()
+    try:
+        proxy = Proxy.from_url(f"socks5://{USER}:{PASSWORD}@127.0.0.1:{worker.address[1]}")
+        sock = await proxy.connect("192.0.2.7", 9618, timeout=10)
+        _reader, writer = await asyncio.open_connection(sock=sock)
+        first = b"GET / HTTP/1.0\r\n\r\n"
+        writer.write(first)
+        connect = s5.Socks5Client.request(s5.CMD_CONNECT, "192.0.2.7", 9618)
+        data_frame = fr.data_header(len(first)) + first
+        deadline = time.monotonic() + 10
+        while data_frame not in silent.received and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        received = bytes(silent.received)
+        assert received.startswith(b"\x05\x01\x80")
+        assert received.index(connect) < received.index(data_frame)
+        writer.write(os.urandom(2 << 20))  # more than may go out before the exit confirms
+        await asyncio.sleep(1.0)
+        assert len(silent.received) - len(received) < 1 << 20
+        writer.close()
+    finally:
+        await worker.stop()
+        await silent.close()
+
+
+async def test_optimistic_bytes_sent_to_a_failing_exit_reach_the_next_one_once(chain: Chain):
+    dropper = _SilentExit(close_after_first_read=True)
+    first_exit = await dropper.start()
+    worker = RelayWorker(worker_settings(chain.sshd, first_exit))
+    worker.settings.exits.append(chain.exit.address)
+    await worker.start()
+    try:
+        proxy = Proxy.from_url(f"socks5://{USER}:{PASSWORD}@127.0.0.1:{worker.address[1]}")
+        sock = await proxy.connect("127.0.0.1", chain.echo_port, timeout=20)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        payload = os.urandom(48 * 1024)
+        writer.write(payload)
+        echoed = await asyncio.wait_for(reader.readexactly(len(payload)), 20)
+        assert echoed == payload
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # nothing more, nothing twice
+        writer.close()
+        assert dropper.received.startswith(b"\x05\x01\x80")
+        assert await _eventually(
+            lambda: metric(worker.metrics, "relay_streams_total", result="ok") == 1
+        )
+    finally:
+        await worker.stop()
+        await dropper.close()

@@ -84,7 +84,8 @@ async def test_stream_flood_from_one_key_is_refused_clearly_others_unaffected(
         exit_settings(keys={KEY_ID: SECRET, OTHER_KEY: OTHER_SECRET}, max_streams_per_key=5)
     )
     await relay_exit.start()
-    flooder = RelayWorker(worker_settings(None, relay_exit.address))
+    # refusals as SOCKS5 replies, not resets
+    flooder = RelayWorker(worker_settings(None, relay_exit.address, optimistic=False))
     other = RelayWorker(
         worker_settings(None, relay_exit.address, key_id=OTHER_KEY, secret=OTHER_SECRET)
     )

@@ -189,6 +189,7 @@ async def test_bad_requests(listening: Listening, request_bytes: bytes, status: 
 
 
 async def test_failed_connects_map_to_http_statuses(listening: Listening):
+    listening.worker.settings.optimistic = False  # refusals as statuses, not resets
     auth = f"Proxy-Authorization: {_basic(USER, PASSWORD)}\r\n\r\n"
     # the exit's policy allows loopback only: 403
     answer = await _raw(listening.proxy_port, ("CONNECT 192.0.2.1:80 HTTP/1.1\r\n" + auth).encode())
@@ -201,6 +202,22 @@ async def test_failed_connects_map_to_http_statuses(listening: Listening):
     assert answer.startswith(b"HTTP/1.1 502 "), answer
     assert [http_status(code) for code in range(1, 9)] == [502, 403, 502, 502, 502, 504, 502, 502]
     assert http_status(s5.CONNECTION_REFUSED) == 502
+
+
+async def test_optimistic_connect_answers_200_then_resets_a_refused_stream(
+    listening: Listening,
+):
+    auth = f"Proxy-Authorization: {_basic(USER, PASSWORD)}\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", listening.proxy_port)
+    writer.write(("CONNECT 192.0.2.1:80 HTTP/1.1\r\n" + auth).encode())
+    assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200 ")
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(), 15)
+    writer.close()
+    assert await wait_for(
+        lambda: metric(listening.worker.metrics, "relay_streams_total", result="refused") == 1
+    )
+    assert metric(listening.exit.metrics, "relay_policy_denials_total", reason="no_rule") == 1
 
 
 async def test_static_forward_carries_a_plain_client(listening: Listening):

@@ -135,13 +135,21 @@ async def open_flows(worker: RelayWorker, port: int, count: int) -> list[Flow]:
 
 
 async def can_open(worker: RelayWorker, port: int) -> bool:
+    """A stream to the echo server opens and echoes (a refusal is a SOCKS5 error or, with
+    optimistic data, a reset after the reply)."""
     proxy = Proxy.from_url(f"socks5://{USER}:{PASSWORD}@127.0.0.1:{worker.address[1]}")
     try:
         sock = await proxy.connect("127.0.0.1", port, timeout=20)
     except ProxyError:
         return False
-    sock.close()
-    return True
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(b"?")
+        return await asyncio.wait_for(reader.read(1), 20) == b"?"
+    except ConnectionError:
+        return False
+    finally:
+        writer.close()
 
 
 async def progress(flows: list[Flow], seconds: float) -> bool:

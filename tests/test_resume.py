@@ -281,6 +281,9 @@ async def test_two_exits_losing_one_leaves_the_other_untouched() -> None:
     try:
         port = await rig.servers.start(echo_handler)
         streams = [await rig.open(port) for _ in range(4)]
+        for i, (reader, writer) in enumerate(streams):
+            writer.write(b"up %d\n" % i)
+            assert await asyncio.wait_for(reader.readline(), 10) == b"up %d\n" % i
         assert metric(rig.exit.metrics, "relay_streams_active") == 2
         assert metric(second.metrics, "relay_streams_active") == 2
         await rig.exit.stop()  # the first exit goes away, resetting its own streams

@@ -213,8 +213,11 @@ async def test_reload_swaps_the_certificate_for_new_connections(pki: Pki, login:
     servers = Servers()
     port = await servers.start(echo_handler)
     worker = RelayWorker(
-        worker_settings(login, relay_exit.address, exit_tls=with_pin(pki.self_signed.sha256))
-    )
+        worker_settings(
+            login, relay_exit.address, exit_tls=with_pin(pki.self_signed.sha256),
+            optimistic=False,
+        )
+    )  # fmt: skip
     await worker.start()
     try:
         with pytest.raises(ProxyError):
@@ -249,7 +252,7 @@ async def test_worker_refuses_an_exit_with_the_wrong_certificate(
         "wrong-ca": with_ca(pki, pki.other_ca.cert),
         "wrong-name": with_ca(pki, name="other.test"),
     }[how]
-    rig = await make_rig(pki, login, tls)
+    rig = await make_rig(pki, login, tls, optimistic=False)  # refusals as SOCKS5 replies
     caplog.set_level(logging.INFO, logger="relay")
     try:
         port = await rig.servers.start(echo_handler)
@@ -301,7 +304,7 @@ async def test_plain_client_on_the_tls_port_gets_a_clean_failure_and_is_counted(
 
 async def test_tls_and_plain_mismatch_both_ways_fail_clearly(pki: Pki, login: Sshd) -> None:
     # a worker without TLS configured, against a TLS exit
-    plain_worker = await make_rig(pki, login, None)
+    plain_worker = await make_rig(pki, login, None, optimistic=False)
     try:
         port = await plain_worker.servers.start(echo_handler)
         with pytest.raises(ProxyError):
@@ -311,7 +314,7 @@ async def test_tls_and_plain_mismatch_both_ways_fail_clearly(pki: Pki, login: Ss
     finally:
         await plain_worker.close()
     # a TLS worker against a plain exit
-    tls_worker = await make_rig(pki, login, with_ca(pki), exit_tls=False)
+    tls_worker = await make_rig(pki, login, with_ca(pki), exit_tls=False, optimistic=False)
     try:
         port = await tls_worker.servers.start(echo_handler)
         with pytest.raises(ProxyError):
@@ -344,6 +347,8 @@ async def test_streams_resume_over_tls_after_resets_and_black_holes(
         port = await servers.start(echo_handler)
         sock = await proxy(worker).connect("127.0.0.1", port, timeout=20)
         reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"open?\n")  # the carrier is up once the first echo is back
+        assert await asyncio.wait_for(reader.readline(), 20) == b"open?\n"
         sent = hashlib.sha256()
         got = hashlib.sha256()
         for i, cut in enumerate(("reset", "blackhole", "reset")):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -245,6 +246,18 @@ async def test_attach_to_a_running_worker(
         run = await Run.start(argv, tmp_path / "wrapper-bad.log")
         assert await run.wait() == 75
         assert "failing hop: relay (" in run.text()
+        # the worker answers at once (optimistic data); the exit's refusal still fails the gate
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            closed = sock.getsockname()[1]
+        argv = [
+            str(BIN / "glidein-wrapper"), "--attach", f"127.0.0.1:{socks_port}",
+            "--attach-auth", str(auth), "--probe", f"127.0.0.1:{closed}",
+            "--ready-timeout", "3", "--", "true",
+        ]  # fmt: skip
+        run = await Run.start(argv, tmp_path / "wrapper-refused.log")
+        assert await run.wait() == 75
+        assert "failing hop: probe (" in run.text(), run.text()
     finally:
         worker.terminate()
         await worker.wait()

@@ -367,7 +367,6 @@ class AttachedCheck(Check):
         finally:
             writer.close()
 
-
     async def _verdict(
         self, probe: HostPort, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:

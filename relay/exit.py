@@ -190,8 +190,9 @@ class RelayExit(Daemon):
 
     def _adopt(self, sock: socket.socket, handoff: ho.Handoff) -> None:
         """A sibling passed us a connection whose HELLO is ours: carry on with it."""
-        if self._stopping or (self._server is not None and not self._server.is_serving()):
-            sock.close()  # draining: a new session has no place here any more
+        draining = self._server is not None and not self._server.is_serving()
+        if self._stopping or (draining and handoff.kind == ho.KIND_NEW):
+            sock.close()  # stopping, or draining: no new sessions (resumes still come in)
             return
         self.metrics.handoffs.labels(ho.KIND_NAMES[handoff.kind], "adopted").inc()
         loop = asyncio.get_running_loop()

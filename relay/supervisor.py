@@ -9,7 +9,7 @@ process over which the others hand it connections (:mod:`relay.exitgroup`), a co
 socketpair per process (it says "ready"; its closing tells either side the other is gone),
 and a private 0700 directory for the processes' metrics sockets. The supervisor keeps its
 copies of all of them, so a restarted process takes over its predecessor's inbox, and keeps
-the port bound (without listening) so port 0 and restarts work.
+the port bound (without listening) across restarts.
 """
 
 from __future__ import annotations
@@ -119,8 +119,10 @@ class Supervisor:
 
     # -- set-up ---------------------------------------------------------------------------
     def _reserve_port(self) -> None:
-        """Bind (not listen) the port with SO_REUSEPORT: resolves port 0 and holds the port
-        while a process restarts; the processes bind it too and listen."""
+        """Bind (not listen) the port with SO_REUSEPORT: a port taken by another program is
+        a clear error before any process starts, and the port stays held (only processes of
+        the same user can join it) while a process restarts. The processes bind it too and
+        listen; the kernel only hands connections to listening sockets."""
         infos = socket.getaddrinfo(
             self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
@@ -225,7 +227,7 @@ class Supervisor:
             for child in self.children:
                 await self._spawn(child)
             if not await self._all_ready():
-                self.failed = True
+                self.failed = not self.stopping
                 return await self._shutdown()
             if self.metrics_address is not None:
                 host, port = self.metrics_address

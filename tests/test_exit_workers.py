@@ -103,8 +103,8 @@ async def _wait_for(predicate: Any, what: str, timeout: float = 20.0) -> None:
         await asyncio.sleep(0.05)
 
 
-@pytest.fixture
-async def group(tmp_path: Path) -> AsyncIterator[Group]:
+@pytest.fixture(params=["uvloop", "asyncio"])
+async def group(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Group]:
     keys = tmp_path / "exit.keys"
     keys.write_text(f"{KEY_ID} {SECRET.decode()}\n")
     keys.chmod(0o600)
@@ -112,11 +112,14 @@ async def group(tmp_path: Path) -> AsyncIterator[Group]:
     config = write_config(tmp_path / "exit.toml", "exit", {
         "listen": f"127.0.0.1:{port}", "keys": str(keys), "allow": ["127.0.0.1/32:*"],
         "heartbeat": 0.5, "log_format": "json", "workers": 2,
-        "metrics": f"127.0.0.1:{metrics_port}",
+        "metrics": f"127.0.0.1:{metrics_port}", "no_uvloop": request.param == "asyncio",
     })  # fmt: skip
     log = tmp_path / "exit.log"
     handle = log.open("wb")
-    proc = subprocess.Popen([str(BIN / "relay-exit"), "--config", str(config)], stderr=handle)
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # the supervisor's private directory
+    proc = subprocess.Popen(
+        [str(BIN / "relay-exit"), "--config", str(config)], stderr=handle, env=env
+    )
     g = Group(proc, port, metrics_port, log, config)
     try:
         deadline = time.monotonic() + 30
@@ -312,3 +315,10 @@ async def test_a_crashed_process_is_restarted(group: Group, servers: Servers) ->
         for f in flows:
             f.close()
         await worker.stop()
+
+
+async def test_processes_stop_when_the_supervisor_is_gone(group: Group) -> None:
+    pids = group.child_pids()
+    group.proc.kill()
+    group.proc.wait()
+    await _wait_for(lambda: not any(pid_alive(pid) for pid in pids.values()), "workers to stop")

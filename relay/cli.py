@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Sequence
@@ -14,6 +15,7 @@ from relay import __version__
 from relay.config import load_exit_config, load_worker_config
 from relay.errors import ConfigError
 from relay.exit import ExitSettings, RelayExit
+from relay.exitgroup import GROUP_ENV, Group, GroupPlace
 from relay.logs import setup_logging
 from relay.systemd import notify
 from relay.worker import RelayWorker, WorkerSettings
@@ -42,8 +44,11 @@ def use_uvloop(enabled: bool) -> str:
 Daemon = Union[RelayExit, RelayWorker]
 
 
-async def _serve(daemon: Daemon, reload: Optional[Callable[[], None]]) -> int:
-    """Run until SIGTERM/SIGINT; then stop listening, let streams drain, reset the rest."""
+async def _serve(
+    daemon: Daemon, reload: Optional[Callable[[], None]], group: Optional[Group] = None
+) -> int:
+    """Run until SIGTERM/SIGINT; then stop listening, let streams drain, reset the rest.
+    A --workers process tells its supervisor, not systemd, and stops when it is gone."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -55,9 +60,20 @@ async def _serve(daemon: Daemon, reload: Optional[Callable[[], None]]) -> int:
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_FAILED
-    notify("READY=1\nSTATUS=serving")
+    if group is not None:
+        group.ready()
+        group.watch_supervisor(stop.set)
+    else:
+        notify("READY=1\nSTATUS=serving")
     await stop.wait()
-    notify("STOPPING=1")
+    if group is None:
+        notify("STOPPING=1")
+    else:
+        # systemd signals the whole cgroup and the supervisor passes the signal on too: a
+        # second one must not kill the drain (nor arrive after asyncio.run removed handlers).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
     log.info("stopping: draining %d stream(s)", len(daemon.pumps))
     await daemon.drain(DRAIN_SECONDS)
     await daemon.stop()
@@ -72,7 +88,11 @@ def _run(main: Awaitable[int]) -> int:
 
 
 def _settings(
-    prog: str, load: Callable[[list[str]], Any], build: Callable[[Any], Any], args: list[str]
+    prog: str,
+    load: Callable[[list[str]], Any],
+    build: Callable[[Any], Any],
+    args: list[str],
+    worker: Optional[int] = None,
 ) -> Any:
     """Config and settings from ``args`` (None after printing the one-line error), then
     logging and the event loop as the config says."""
@@ -82,17 +102,29 @@ def _settings(
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return None
-    setup_logging(cfg.log_format, cfg.log_level)
+    setup_logging(cfg.log_format, cfg.log_level, worker)
     log.info("%s %s starting (%s)", prog, __version__, use_uvloop(not cfg.no_uvloop))
     return settings
 
 
 def exit_main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    settings = _settings("relay-exit", load_exit_config, ExitSettings.from_config, args)
+    try:
+        place = _group_place()
+    except ValueError as exc:
+        print(f"relay-exit: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    worker = place.index if place is not None else None
+    settings = _settings("relay-exit", load_exit_config, ExitSettings.from_config, args, worker)
     if settings is None:
         return EXIT_USAGE
-    daemon = RelayExit(settings)
+    if place is None and settings.workers > 1:
+        from relay.supervisor import supervise
+
+        return supervise(args, load_exit_config(args))
+    if place is not None:
+        settings.share(place.workers)
+    daemon = RelayExit(settings, place=place)
 
     def reload() -> None:
         """SIGHUP: re-read keys, policy and TLS certificate; a bad file keeps the old ones."""
@@ -105,7 +137,13 @@ def exit_main(argv: Optional[Sequence[str]] = None) -> int:
             daemon.reload(fresh.keys, fresh.policy, fresh.tls, fresh.tls_fingerprint)
         notify("READY=1")
 
-    return _run(_serve(daemon, reload))
+    return _run(_serve(daemon, reload, daemon.group))
+
+
+def _group_place() -> Optional[GroupPlace]:
+    """This process's place in a --workers group (None: not in one)."""
+    text = os.environ.pop(GROUP_ENV, None)
+    return None if text is None else GroupPlace.from_env(text)
 
 
 def worker_main(argv: Optional[Sequence[str]] = None) -> int:

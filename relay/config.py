@@ -27,6 +27,7 @@ from typing import Any, NamedTuple, NoReturn
 
 from relay.errors import ConfigError
 from relay.policy import PolicyError, Rule, parse_rule
+from relay.proto.handoff import MAX_WORKERS
 from relay.secrets import KEY_ID_RE, check_private
 from relay.tlslink import parse_fingerprint
 
@@ -214,6 +215,16 @@ _NO_UVLOOP = Option(
 EXIT_OPTIONS: tuple[Option, ...] = (
     _config_option("exit"),
     Option("listen", "hostport", "0.0.0.0:80", "HOST:PORT to accept SOCKS5 connections on"),
+    Option(
+        "workers",
+        "int",
+        1,
+        "processes accepting on the listen port (SO_REUSEPORT, Linux); above 1 a supervisor"
+        " runs them, each with its share of the limits below (see docs/OPERATIONS.md);"
+        f" at most {MAX_WORKERS}, and not with --tls-cert",
+        metavar="N",
+        min=1,
+    ),
     Option(
         "keys",
         "secret-path",
@@ -470,6 +481,7 @@ class ExitConfig:
 
     config_file: Path | None
     listen: HostPort
+    workers: int
     keys: Path
     allow: tuple[Rule, ...]
     allow_plain: bool
@@ -1070,6 +1082,16 @@ def load_exit_config(argv: Sequence[str]) -> ExitConfig:
     if (v[cert.key] is None) != (v[key.key] is None):
         given, other = (cert, key) if v[key.key] is None else (key, cert)
         raise _err(f"{loaded.name(given)} needs {loaded.name(other)}: TLS needs both")
+    workers = _option(EXIT_OPTIONS, "workers")
+    if v["workers"] > MAX_WORKERS:
+        raise _err(f"{loaded.name(workers)} is {v['workers']}: at most {MAX_WORKERS}")
+    if v["workers"] > 1 and v[cert.key] is not None:
+        raise _err(
+            f"{loaded.name(workers)} above 1 does not work with {loaded.name(cert)}: a TLS"
+            " connection cannot be passed to the process that owns its session"
+        )
+    if v["workers"] > 1 and not sys.platform.startswith("linux"):
+        raise _err(f"{loaded.name(workers)} above 1 needs Linux (SO_REUSEPORT)")
     return ExitConfig(config_file=loaded.config_file, **v)
 
 

@@ -9,7 +9,7 @@ import contextlib
 import logging
 from typing import Any, Callable, Optional, Union
 
-from relay.metrics import Metrics, serve_metrics
+from relay.metrics import Metrics, serve_metrics, serve_metrics_unix
 from relay.pump import RawPump, TunnelPump
 
 log = logging.getLogger("relay")
@@ -34,10 +34,22 @@ class Daemon(abc.ABC):
         port: int,
         metrics_host: Optional[str],
         metrics_port: int,
+        reuse_port: bool = False,
+        metrics_path: str = "",
     ) -> None:
+        """Listen on ``host:port`` (sharing it with other processes when ``reuse_port``);
+        metrics on ``metrics_host:metrics_port`` or, for a --workers process, the Unix
+        socket ``metrics_path`` its supervisor reads."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(factory, host, port, backlog=1024)
-        if metrics_host is not None:
+        if reuse_port:
+            self._server = await loop.create_server(
+                factory, host, port, backlog=1024, reuse_port=True
+            )
+        else:
+            self._server = await loop.create_server(factory, host, port, backlog=1024)
+        if metrics_path:
+            self._metrics_server = await serve_metrics_unix(self.metrics, metrics_path)
+        elif metrics_host is not None:
             self._metrics_server = await serve_metrics(self.metrics, metrics_host, metrics_port)
 
     @abc.abstractmethod

@@ -17,9 +17,11 @@ from typing import Any, Optional, Union
 
 from relay.addresses import format_hostport
 from relay.daemon import Daemon
+from relay.exitgroup import Group, GroupPlace
 from relay.metrics import Metrics
 from relay.policy import Policy
 from relay.proto import ProtocolError
+from relay.proto import handoff as ho
 from relay.proto import hello as hl
 from relay.proto import socks5 as s5
 from relay.proto.stream import TunnelStream
@@ -65,6 +67,7 @@ class ExitSettings:
         self.max_parked: int = kwargs.pop("max_parked", 10000)
         self.metrics_host: Optional[str] = kwargs.pop("metrics_host", None)
         self.metrics_port: int = kwargs.pop("metrics_port", 0)
+        self.workers: int = kwargs.pop("workers", 1)
         if kwargs:
             raise TypeError(f"unknown exit settings: {', '.join(sorted(kwargs))}")
 
@@ -96,15 +99,41 @@ class ExitSettings:
             max_parked=cfg.max_parked,
             metrics_host=cfg.metrics.host if cfg.metrics else None,
             metrics_port=cfg.metrics.port if cfg.metrics else 0,
+            workers=cfg.workers,
         )
+
+    def share(self, workers: int) -> ExitSettings:
+        """The limits of one process of ``workers``: each its equal share (rounded up),
+        so that the group together keeps about the configured totals."""
+        for name in SHARED_LIMITS:
+            total = getattr(self, name)
+            setattr(self, name, -(-total // workers) if total > 0 else total)
+        return self
+
+
+SHARED_LIMITS = (
+    "max_streams",
+    "max_streams_per_key",
+    "max_handshakes",
+    "max_buffered",
+    "max_parked",
+)
+"""The limits a --workers process enforces on its share: the configured value divided by N."""
 
 
 class RelayExit(Daemon):
     role = "exit"
 
-    def __init__(self, settings: ExitSettings, metrics: Optional[Metrics] = None) -> None:
+    def __init__(
+        self,
+        settings: ExitSettings,
+        metrics: Optional[Metrics] = None,
+        place: Optional[GroupPlace] = None,
+    ) -> None:
         super().__init__(metrics)
         self.settings = settings
+        # One process of a --workers group: the channels to its siblings.
+        self.group: Optional[Group] = Group(place, self.metrics) if place is not None else None
         self.guard = hl.ReplayGuard()
         self.handshakes = 0
         # Connections in their handshake that have not authenticated, oldest first: when
@@ -125,13 +154,18 @@ class RelayExit(Daemon):
     async def start(self) -> None:
         s = self.settings
         raise_nofile(2 * s.max_streams + s.max_handshakes + 64)
+        group = self.group
         await self._listen(
             self._accept,
             s.listen_host,
-            s.listen_port,
+            s.listen_port if group is None else group.place.port,
             s.metrics_host,
             s.metrics_port,
+            reuse_port=group is not None,
+            metrics_path=group.place.metrics_path if group is not None else "",
         )
+        if group is not None:
+            group.start(self._adopt)
         log.info(
             "listening",
             extra={
@@ -153,6 +187,19 @@ class RelayExit(Daemon):
         if tls is None:
             return conn
         return TlsLink(TlsEngine(tls, server_side=True), conn, eager=True)
+
+    def _adopt(self, sock: socket.socket, handoff: ho.Handoff) -> None:
+        """A sibling passed us a connection whose HELLO is ours: carry on with it."""
+        draining = self._server is not None and not self._server.is_serving()
+        if self._stopping or (draining and handoff.kind == ho.KIND_NEW):
+            sock.close()  # stopping, or draining: no new sessions (resumes still come in)
+            return
+        self.metrics.handoffs.labels(ho.KIND_NAMES[handoff.kind], "adopted").inc()
+        loop = asyncio.get_running_loop()
+        future = asyncio.ensure_future(
+            loop.connect_accepted_socket(lambda: ExitConnection(self, handoff), sock)
+        )
+        future.add_done_callback(_adopt_done)
 
     def reload(
         self,
@@ -343,6 +390,8 @@ class RelayExit(Daemon):
 
     async def stop(self) -> None:
         self._stopping = True
+        if self.group is not None:
+            self.group.close()
         if self._budget_task is not None:
             self._budget_task.cancel()
         await super().stop()
@@ -352,6 +401,11 @@ class RelayExit(Daemon):
         if isinstance(pump, TunnelPump):
             self.forget(pump)
         self._key_done(pump.info.key_id)
+
+
+def _adopt_done(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("cannot adopt a handed-off connection: %s", future.exception())
 
 
 EXPIRED_REMEMBERED = 10000
@@ -377,7 +431,7 @@ class ExitConnection(PlainProtocol):
     """One accepted connection: handshake first, then the carrier of one tunnelled stream
     (or, for an allowed plain SOCKS5 client, one side of a raw relay)."""
 
-    def __init__(self, relay_exit: RelayExit) -> None:
+    def __init__(self, relay_exit: RelayExit, adopted: Optional[ho.Handoff] = None) -> None:
         super().__init__()
         self.exit = relay_exit
         self.metrics = relay_exit.metrics
@@ -394,6 +448,14 @@ class ExitConnection(PlainProtocol):
         self._corked: Optional[list[bytes]] = None
         self._slot = False  # holds a reserved stream slot of RelayExit
         self._received = 0  # bytes received during the handshake
+        # A --workers process keeps the handshake bytes until it knows whether the HELLO is
+        # its own; a connection a sibling handed over is never handed on again.
+        self.adopted = adopted
+        self._raw: Optional[bytearray] = (
+            bytearray() if relay_exit.group is not None and adopted is None else None
+        )
+        self._sent = 0  # handshake answer bytes written so far
+        self._skip = adopted.sent if adopted is not None else 0  # the sibling wrote those
 
     # -- asyncio callbacks ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -410,6 +472,8 @@ class ExitConnection(PlainProtocol):
         set_nodelay(sock)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(relay_exit.settings.handshake_timeout, self._timed_out)
+        if self.adopted is not None:
+            self.data_received(self.adopted.data)
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -425,6 +489,8 @@ class ExitConnection(PlainProtocol):
                 self._end_handshake()
                 self.abort()
                 return
+            if self._raw is not None:
+                self._raw += data
             self._advance(data)
         else:
             super().data_received(data)
@@ -517,7 +583,18 @@ class ExitConnection(PlainProtocol):
         if self._corked is not None:
             self._corked.append(data)
         elif self.transport is not None:
+            data = self._unsent(data)
+            self._sent += len(data)
             self.transport.write(data)
+
+    def _unsent(self, data: bytes) -> bytes:
+        """Leave out the answer bytes a sibling already wrote before handing us this
+        connection (the method selection: the same bytes, as both parse the same greeting)."""
+        if self._skip and data:
+            skipped = min(self._skip, len(data))
+            self._skip -= skipped
+            data = data[skipped:]
+        return data
 
     def _flush(self) -> None:
         """Send the handshake answers held back so far, as one segment.
@@ -528,11 +605,12 @@ class ExitConnection(PlainProtocol):
         """
         data = self._take_corked()
         if data and self.transport is not None:
+            self._sent += len(data)
             self.transport.write(data)
 
     def _take_corked(self) -> bytes:
         corked, self._corked = self._corked, None
-        return b"".join(corked) if corked else b""
+        return self._unsent(b"".join(corked)) if corked else b""
 
     def _peer(self) -> str:
         if self.transport is None:
@@ -605,11 +683,15 @@ class ExitConnection(PlainProtocol):
         settings = self.exit.settings
         secret = settings.keys.get(hello.key_id)
         if hello.is_resume:
+            if self._hand_off(hello, ho.KIND_RESUME):
+                return False
             return self._on_resume(hello)
         if secret is None:
             return self._hello_refused(hello, hl.BAD_AUTH, "unknown-key")
         if not hl.verify_hello(hello, secret):
             return self._hello_refused(hello, hl.BAD_AUTH, "bad-mac")
+        if self._hand_off(hello, ho.KIND_NEW):  # the nonce's process checks it for replay
+            return False
         now_ms = int(time.time() * 1000)
         status = self.exit.guard.check(hello.timestamp_ms, hello.nonce, now_ms)
         if status != hl.OK:
@@ -619,7 +701,8 @@ class ExitConnection(PlainProtocol):
         self.exit.unauthenticated.pop(self, None)
         ours = int(settings.heartbeat * 1000)
         self.heartbeat_ms = max(MIN_HEARTBEAT_MS, min(ours, hello.heartbeat_ms or ours))
-        session_id = os.urandom(hl.SESSION_ID_SIZE)
+        group = self.exit.group
+        session_id = group.new_session_id() if group is not None else os.urandom(16)
         nonce = os.urandom(hl.NONCE_SIZE)
         self.session_id = session_id
         self.session_key = hl.session_key(secret, hello.nonce, nonce, session_id)
@@ -678,6 +761,33 @@ class ExitConnection(PlainProtocol):
         self.metrics.resumes.labels("ok").inc()
         pump.info.log_resumed(gap, replayed, pump.stream.recv_offset)
         return False
+
+    def _hand_off(self, hello: hl.Hello, kind: int) -> bool:
+        """Pass the connection to the sibling that owns this HELLO; False if it is ours."""
+        group = self.exit.group
+        if group is None or self._raw is None or self.transport is None:
+            return False
+        target = group.owner(hello.is_resume, hello.nonce, hello.session_id)
+        if target == group.index:
+            self._raw = None
+            return False
+        data, self._raw = bytes(self._raw), None
+        transport = self.transport
+        self._corked = None  # the owner answers the greeting again, unless it was sent
+        self._end_handshake()
+        transport.pause_reading()
+        sock = transport_socket(transport)
+        if sock is not None:
+            group.send(target, kind, self._sent, data, sock.fileno())
+        # Our descriptor goes; the connection lives on in the owner (or, if the handoff
+        # failed, it closes here and the failure is counted).
+        self.closed = True
+        transport.abort()
+        log.debug(
+            "handed off",
+            extra={"fields": {"to": target, "kind": ho.KIND_NAMES[kind], "peer": self._peer()}},
+        )
+        return True
 
     def _hello_refused(self, hello: hl.Hello, status: int, reason: str) -> bool:
         self.metrics.auth_failures.labels(reason).inc()

@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -18,9 +18,14 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
 
 
 class TextFormatter(logging.Formatter):
+    def __init__(self, worker: Optional[int] = None) -> None:
+        super().__init__()
+        self.tag = "" if worker is None else f"[{worker}]"
+
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-        line = f"{stamp} {record.levelname.lower():7} {record.name}: {record.getMessage()}"
+        name = record.name + self.tag
+        line = f"{stamp} {record.levelname.lower():7} {name}: {record.getMessage()}"
         fields = _fields(record)
         if fields:
             line += " " + " ".join(f"{k}={_text(v)}" for k, v in fields.items())
@@ -37,6 +42,10 @@ def _text(value: Any) -> str:
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, worker: Optional[int] = None) -> None:
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
             "ts": round(record.created, 3),
@@ -44,15 +53,18 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self.worker is not None:
+            doc["worker"] = self.worker
         doc.update(_fields(record))
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc, default=str)
 
 
-def setup_logging(fmt: str = "text", level: str = "info") -> None:
+def setup_logging(fmt: str = "text", level: str = "info", worker: Optional[int] = None) -> None:
+    """Log to stderr; ``worker`` (a relay-exit --workers process's index) tags each line."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter(worker) if fmt == "json" else TextFormatter(worker))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable
+from typing import Any, Callable, Union
 
 from prometheus_client import (
     CollectorRegistry,
@@ -97,6 +99,13 @@ class Metrics:
             ["limit"],
             registry=r,
         )
+        self.handoffs = Counter(
+            "relay_handoffs",
+            "Connections passed between the processes of relay-exit --workers, by kind"
+            " (new, resume) and result (sent, adopted, failed)",
+            ["kind", "result"],
+            registry=r,
+        )
         self.ssh_active = Gauge(
             "relay_ssh_connections_active", "SSH connections to login nodes open now", registry=r
         )
@@ -111,9 +120,10 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.Server:
-    """Serve ``GET /metrics`` (and ``/healthz``) with plain asyncio: no thread, port 0 works."""
+Exposition = Callable[[], Awaitable[bytes]]
 
+
+def _handler(exposition: Exposition) -> Any:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -122,7 +132,7 @@ async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.Serve
             if parts[0] != b"GET":
                 status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
             elif path == b"/metrics":
-                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, metrics.exposition()
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, await exposition()
             elif path == b"/healthz":
                 status, ctype, body = "200 OK", "text/plain", b"ok\n"
             else:
@@ -142,4 +152,25 @@ async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.Serve
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
-    return await asyncio.start_server(handle, host, port)
+    return handle
+
+
+def _of(metrics: Metrics) -> Exposition:
+    async def exposition() -> bytes:
+        return metrics.exposition()
+
+    return exposition
+
+
+async def serve_metrics(
+    metrics: Union[Metrics, Exposition], host: str, port: int
+) -> asyncio.Server:
+    """Serve ``GET /metrics`` (and ``/healthz``) with plain asyncio: no thread, port 0 works.
+    ``metrics`` is a daemon's metrics or a coroutine function that makes the exposition."""
+    exposition = _of(metrics) if isinstance(metrics, Metrics) else metrics
+    return await asyncio.start_server(_handler(exposition), host, port)
+
+
+async def serve_metrics_unix(metrics: Metrics, path: str) -> asyncio.Server:
+    """The same endpoint on a Unix socket: how a --workers process shows its supervisor."""
+    return await asyncio.start_unix_server(_handler(_of(metrics)), path)

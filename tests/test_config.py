@@ -804,3 +804,18 @@ def test_toml_shaped_text_only_config_error(
     tmp_path_factory: pytest.TempPathFactory, lines: list[str]
 ) -> None:
     _only_config_errors(tmp_path_factory, "\n".join(lines).encode("utf-8"))
+
+
+def test_workers_key_and_its_errors_name_the_key_and_file(tmp_path: Path, keys: Path) -> None:
+    assert load_exit_config(["--keys", str(keys)]).workers == 1
+    conf = write(tmp_path / "w.toml", f'[exit]\nkeys = "{keys}"\nworkers = 4\n')
+    assert load_exit_config(["--config", str(conf)]).workers == 4
+    for body, words in (
+        ("workers = 0", "workers"),
+        ("workers = 65", "at most 64"),
+        (f'workers = 2\ntls_cert = "{keys}"\ntls_key = "{keys}"', "tls_cert in"),
+    ):
+        conf = write(tmp_path / "w.toml", f'[exit]\nkeys = "{keys}"\n{body}\n')
+        with pytest.raises(ConfigError) as err:
+            load_exit_config(["--config", str(conf)])
+        assert "workers in " + str(conf) in str(err.value) and words in str(err.value)

@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.exit import RelayExit
+from relay.supervisor import Supervisor
 from relay.worker import RelayWorker, WorkerSettings
 from tests.helpers import KEY_ID, SECRET, exit_settings
 from tests.yamlfile import load_yaml
@@ -122,6 +123,9 @@ async def exported() -> AsyncIterator[set[str]]:
             text = await http_get(address, "/metrics")
             for family in text_string_to_metric_families(text):
                 names.update(sample_names(family.name, family.type))
+        # The supervisor of relay-exit --workers adds its own families to the group's page.
+        for family in Supervisor([], 2, "127.0.0.1", 0, None).registry.collect():
+            names.update(sample_names(family.name, family.type))
         yield names
     finally:
         await worker.stop()

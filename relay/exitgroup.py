@@ -1,0 +1,181 @@
+"""One process of a ``relay-exit --workers N`` group: its place in the group (given by the
+supervisor in the environment), the handoff channels to its siblings and the control socket
+to the supervisor. The decisions (who owns a connection, the message format) are in
+:mod:`relay.proto.handoff`; this is the socket glue around them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+from relay.metrics import Metrics
+from relay.proto import ProtocolError
+from relay.proto import handoff as ho
+
+log = logging.getLogger("relay.exit")
+
+GROUP_ENV = "RELAY_EXIT_GROUP"
+"""Environment variable through which the supervisor tells a process its place."""
+
+READY = b"ready\n"
+
+
+@dataclass
+class GroupPlace:
+    """What the supervisor tells process ``index``; the numbers are inherited descriptors."""
+
+    index: int
+    workers: int
+    port: int
+    inbox: int
+    peers: list[int] = field(default_factory=list)  # one per process, -1 for this one
+    control: int = -1
+    metrics_path: str = ""
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_env(cls, text: str) -> GroupPlace:
+        try:
+            doc = json.loads(text)
+            place = cls(**doc)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{GROUP_ENV} is not a worker place: {exc}") from None
+        if not 0 <= place.index < place.workers <= ho.MAX_WORKERS:
+            raise ValueError(f"{GROUP_ENV}: index {place.index} of {place.workers} workers")
+        if len(place.peers) != place.workers:
+            raise ValueError(f"{GROUP_ENV}: {len(place.peers)} peers for {place.workers}")
+        return place
+
+
+Adopt = Callable[[socket.socket, ho.Handoff], None]
+
+
+class Group:
+    """The handoff channels of one process: send a connection to a sibling, adopt the ones
+    siblings send here."""
+
+    def __init__(self, place: GroupPlace, metrics: Metrics) -> None:
+        self.place = place
+        self.index = place.index
+        self.workers = place.workers
+        self.metrics = metrics
+        self._inbox = socket.socket(fileno=place.inbox)
+        self._inbox.setblocking(False)
+        self._peers: list[Optional[socket.socket]] = []
+        for fd in place.peers:
+            peer = None if fd < 0 else socket.socket(fileno=fd)
+            if peer is not None:
+                peer.setblocking(False)
+            self._peers.append(peer)
+        self._control = socket.socket(fileno=place.control) if place.control >= 0 else None
+        self._adopt: Optional[Adopt] = None
+
+    def start(self, adopt: Adopt) -> None:
+        self._adopt = adopt
+        asyncio.get_running_loop().add_reader(self._inbox.fileno(), self._readable)
+
+    def owner(self, is_resume: bool, nonce: bytes, session_id: bytes) -> int:
+        return ho.owner(is_resume, nonce, session_id, self.index, self.workers)
+
+    def new_session_id(self) -> bytes:
+        return ho.new_session_id(self.index, self.workers, os.urandom)
+
+    def send(self, target: int, kind: int, sent: int, data: bytes, fd: int) -> bool:
+        """Pass the connection ``fd`` with what was read from it; False if it could not go
+        (the caller then closes it)."""
+        name = ho.KIND_NAMES[kind]
+        peer = self._peers[target] if 0 <= target < len(self._peers) else None
+        try:
+            if peer is None:
+                raise OSError(f"no channel to worker {target}")
+            message = ho.encode(kind, self.index, sent, data)
+            socket.send_fds(peer, [message], [fd])
+        except (OSError, ValueError) as exc:
+            self.metrics.handoffs.labels(name, "failed").inc()
+            log.warning(
+                "cannot hand a connection to its worker; closing it",
+                extra={"fields": {"to": target, "kind": name, "why": str(exc)}},
+            )
+            return False
+        self.metrics.handoffs.labels(name, "sent").inc()
+        return True
+
+    def _readable(self) -> None:
+        while True:
+            try:
+                message, fds, flags, _ = socket.recv_fds(self._inbox, ho.MAX_MESSAGE, 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.error("handoff inbox failed: %s", exc)
+                asyncio.get_running_loop().remove_reader(self._inbox.fileno())
+                return
+            if not message and not fds:
+                return
+            self._received(message, fds, flags)
+
+    def _received(self, message: bytes, fds: list[int], flags: int) -> None:
+        socks = [socket.socket(fileno=fd) for fd in fds]
+        try:
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(socks) != 1:
+                raise ProtocolError(f"handoff with {len(socks)} descriptor(s), flags {flags:#x}")
+            sock = socks[0]
+            if sock.type != socket.SOCK_STREAM or sock.family not in (
+                socket.AF_INET,
+                socket.AF_INET6,
+            ):
+                raise ProtocolError("handoff descriptor is not a TCP socket")
+            handoff = ho.decode(message)
+        except ProtocolError as exc:
+            self.metrics.protocol_errors.labels("handoff").inc()
+            log.warning("bad handoff message; closing its connection: %s", exc)
+            for s in socks:
+                s.close()
+            return
+        sock.setblocking(False)
+        assert self._adopt is not None
+        self._adopt(sock, handoff)
+
+    # -- control socket to the supervisor -------------------------------------------------
+    def ready(self) -> None:
+        """Tell the supervisor this process listens."""
+        if self._control is not None:
+            with contextlib.suppress(OSError):
+                self._control.sendall(READY)
+
+    def watch_supervisor(self, gone: Callable[[], None]) -> None:
+        """Call ``gone`` when the supervisor's end of the control socket closes."""
+        control = self._control
+        if control is None:
+            return
+        control.setblocking(False)
+        loop = asyncio.get_running_loop()
+
+        def readable() -> None:
+            try:
+                data = control.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                loop.remove_reader(control.fileno())
+                log.warning("supervisor gone; stopping")
+                gone()
+
+        loop.add_reader(control.fileno(), readable)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(self._inbox.fileno())
+        with contextlib.suppress(Exception):
+            if self._control is not None:
+                asyncio.get_running_loop().remove_reader(self._control.fileno())

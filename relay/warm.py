@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from relay.addresses import format_hostport
-from relay.carrier import SshCarrier, TcpCarrier
+from relay.carrier import SshCarrier, TcpCarrier, TunnelRefused
 from relay.proto import hello as hl
 from relay.proto import socks5 as s5
 from relay.proto.opener import KeptWarm, OpenerEvent, TunnelOpener
@@ -246,8 +246,12 @@ class WarmPool:
     def _ended(self, entry: WarmCarrier, fut: asyncio.Future[Any]) -> None:
         """The carrier's handshake future finished: a loss, unless a stream took it."""
         exc = fut.exception() if not fut.cancelled() else None
-        if entry in self.entries:
-            self._failed(entry, "lost", str(exc) if exc else "carrier closed")
+        if entry not in self.entries:
+            return
+        if isinstance(exc, TunnelRefused):  # the exit refused our HELLO: as for a stream
+            self.metrics.auth_failures.labels(f"exit-{exc.stage}").inc()
+        reason = "lost" if entry.ready.done() and entry.ready.result() else "open-failed"
+        self._failed(entry, reason, str(exc) if exc else "carrier closed")
 
     def _failed(self, entry: WarmCarrier, reason: str, why: str) -> None:
         self.metrics.keep_warm_failures.labels(reason).inc()

@@ -280,3 +280,18 @@ def test_settings_default() -> None:
     from relay.worker import WorkerSettings
 
     assert WorkerSettings().warm_carriers == 2
+
+
+async def test_reload_that_removes_the_key_closes_its_warm_carriers() -> None:
+    rig = await warm_rig()
+    try:
+        assert await wait_for(lambda: warm(rig.worker) == 2)
+        rig.exit.reload({"someone-else": SECRET}, rig.exit.settings.policy)
+        assert metric(rig.exit.metrics, "relay_warm_carriers") == 0
+        assert await wait_for(lambda: failures(rig.worker, "lost") >= 2)
+        # the pool tries again, but the exit no longer knows the key
+        assert await wait_for(lambda: failures(rig.worker, "open-failed") >= 1)
+        assert metric(rig.worker.metrics, "relay_auth_failures_total", reason="exit-hello") >= 1
+        assert warm(rig.worker) == 0
+    finally:
+        await close_rig(rig)

@@ -50,6 +50,11 @@ class CarrierBase:
         self._held: list[bytes] = []
         self._lost: Optional[str] = None
 
+    @property
+    def established(self) -> Optional[Established]:
+        """The exit's accepted HELLO, once it came (it has a session for us from then on)."""
+        return self._established
+
     def start(self, opener: TunnelOpener) -> None:
         self.opener = opener
         self.link.write(opener.first_flight())

@@ -283,6 +283,23 @@ EXIT_OPTIONS: tuple[Option, ...] = (
         min=1,
     ),
     Option(
+        "max-warm-carriers",
+        "int",
+        2000,
+        "most warm carriers (authenticated, kept open by keep-warms until a stream takes"
+        " them) at once; beyond it a keep-warm is refused and the carrier closed (0 = none)",
+        metavar="N",
+        min=0,
+    ),
+    Option(
+        "max-warm-carriers-per-key",
+        "int",
+        500,
+        "most warm carriers at once for one KEY_ID",
+        metavar="N",
+        min=0,
+    ),
+    Option(
         "max-buffered",
         "size",
         "1GiB",
@@ -466,6 +483,16 @@ WORKER_OPTIONS: tuple[Option, ...] = (
         "seconds a stream waits for its carrier to come back before the application's"
         " connection is reset (match relay-exit's --resume-timeout)",
     ),
+    Option(
+        "warm-carriers",
+        "int",
+        2,
+        "carriers per exit kept open with their HELLO done (kept alive by keep-warms every"
+        " heartbeat), so a new stream skips the channel open and HELLO; refilled over the"
+        " existing SSH connection only (0 = off)",
+        metavar="N",
+        min=0,
+    ),
     _tcp_keepalive("worker"),
     _REPLAY_BUFFER,
     _METRICS,
@@ -495,6 +522,8 @@ class ExitConfig:
     max_streams: int
     max_streams_per_key: int
     max_handshakes: int
+    max_warm_carriers: int
+    max_warm_carriers_per_key: int
     max_buffered: int
     tcp_keepalive: float
     replay_buffer: int
@@ -534,6 +563,7 @@ class WorkerConfig:
     no_optimistic: bool
     ssh_connect_rate: float
     resume_timeout: float
+    warm_carriers: int
     tcp_keepalive: float
     replay_buffer: int
     metrics: HostPort | None

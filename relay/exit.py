@@ -57,6 +57,8 @@ class ExitSettings:
         self.max_streams: int = kwargs.pop("max_streams", 10000)
         self.max_streams_per_key: int = kwargs.pop("max_streams_per_key", 2000)
         self.max_handshakes: int = kwargs.pop("max_handshakes", 1000)
+        self.max_warm_carriers: int = kwargs.pop("max_warm_carriers", 2000)
+        self.max_warm_carriers_per_key: int = kwargs.pop("max_warm_carriers_per_key", 500)
         self.max_buffered: int = kwargs.pop("max_buffered", 1 << 30)
         # TLS on the listener (None: plain TCP); the fingerprint is only logged.
         self.tls: Optional[ssl.SSLContext] = kwargs.pop("tls", None)
@@ -90,6 +92,8 @@ class ExitSettings:
             max_streams=cfg.max_streams,
             max_streams_per_key=cfg.max_streams_per_key,
             max_handshakes=cfg.max_handshakes,
+            max_warm_carriers=cfg.max_warm_carriers,
+            max_warm_carriers_per_key=cfg.max_warm_carriers_per_key,
             max_buffered=cfg.max_buffered,
             tls=tls,
             tls_fingerprint=tls_fingerprint,
@@ -139,6 +143,9 @@ class RelayExit(Daemon):
         # Connections in their handshake that have not authenticated, oldest first: when
         # the handshakes are at their limit, a new connection closes the first of them.
         self.unauthenticated: dict[ExitConnection, None] = {}
+        # Warm carriers: authenticated, waiting for their CONNECT (not handshakes).
+        self.warm: dict[ExitConnection, None] = {}
+        self.warm_per_key: Counter[str] = Counter()
         # Streams per key, counted from the moment a CONNECT passes the limits (so that
         # concurrent requests cannot all pass them) until the stream ends.
         self.streams_per_key: Counter[str] = Counter()
@@ -153,7 +160,7 @@ class RelayExit(Daemon):
 
     async def start(self) -> None:
         s = self.settings
-        raise_nofile(2 * s.max_streams + s.max_handshakes + 64)
+        raise_nofile(2 * s.max_streams + s.max_handshakes + s.max_warm_carriers + 64)
         group = self.group
         await self._listen(
             self._accept,
@@ -223,6 +230,8 @@ class RelayExit(Daemon):
                 pump.shutdown("key revoked")
             else:
                 pump.lost(0, ConnectionAbortedError("key revoked"))
+        for conn in [c for c in self.warm if c.key_id not in keys]:
+            conn.close_warm()
         log.info(
             "reloaded",
             extra={
@@ -257,6 +266,27 @@ class RelayExit(Daemon):
             victim.evict()
         self.unauthenticated[conn] = None
         return True
+
+    def warm_started(self, conn: ExitConnection) -> Optional[str]:
+        """Count an authenticated carrier that turns warm; returns the name of a full limit
+        instead. A warm carrier is no longer a handshake in progress."""
+        s = self.settings
+        if len(self.warm) >= s.max_warm_carriers:
+            return "warm-carriers"
+        if self.warm_per_key[conn.key_id] >= s.max_warm_carriers_per_key:
+            return "warm-carriers-per-key"
+        self.warm[conn] = None
+        self.warm_per_key[conn.key_id] += 1
+        self.metrics.warm_carriers.inc()
+        return None
+
+    def warm_ended(self, conn: ExitConnection) -> None:
+        """A warm carrier got its CONNECT, timed out or closed."""
+        if self.warm.pop(conn, False) is None:
+            self.metrics.warm_carriers.dec()
+            self.warm_per_key[conn.key_id] -= 1
+            if self.warm_per_key[conn.key_id] <= 0:
+                del self.warm_per_key[conn.key_id]
 
     def reserve_stream(self, key_id: str) -> Optional[str]:
         """Take a stream slot for ``key_id``; returns the name of a full limit instead."""
@@ -388,6 +418,14 @@ class RelayExit(Daemon):
     def was_expired(self, session_id: bytes) -> bool:
         return session_id in self._expired
 
+    async def drain(self, timeout: float) -> None:
+        """Warm carriers close at once: their workers take new streams elsewhere."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.warm):
+            conn.close_warm()
+        await super().drain(timeout)
+
     async def stop(self) -> None:
         self._stopping = True
         if self.group is not None:
@@ -442,6 +480,7 @@ class ExitConnection(PlainProtocol):
         self.session_id = hl.NEW_SESSION
         self.session_key = b""
         self.in_handshake = True
+        self.warm = False  # authenticated, waiting for its CONNECT with keep-warms
         self.started = 0.0
         self._timer: Optional[asyncio.TimerHandle] = None
         self._task: Optional[asyncio.Future[None]] = None
@@ -499,6 +538,9 @@ class ExitConnection(PlainProtocol):
         if self.tunnel is not None:
             self.tunnel.carrier_lost("carrier closed without FIN", self.transport)
             return False
+        if self.warm:  # the worker no longer needs it: not an error
+            self._close_with(None)
+            return False
         if self.in_handshake:
             self._fail("handshake", "peer closed during handshake")
             return False
@@ -553,10 +595,61 @@ class ExitConnection(PlainProtocol):
         self.exit.unauthenticated.pop(self, None)
         if self.in_handshake:
             self.in_handshake = False
-            self.exit.handshakes -= 1
+            if self.warm:
+                self.warm = False
+                self.exit.warm_ended(self)
+            else:
+                self.exit.handshakes -= 1
+        self._cancel_timer()
+
+    def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def close_warm(self) -> None:
+        """Close a warm carrier (drain, key revoked): the worker replaces it."""
+        self._close_with(None)
+
+    def _keep_warm(self, request: s5.Request) -> bool:
+        """Answer a keep-warm and wait for the next request, at most heartbeat * misses."""
+        relay_exit = self.exit
+        if not self.warm:
+            full = relay_exit.warm_started(self)
+            if full is not None:
+                self.metrics.limit_hits.labels(full).inc()
+                log.warning(
+                    "warm carrier limit reached; refusing a keep-warm",
+                    extra={"fields": {"key": self.key_id, "limit": full, "peer": self._peer()}},
+                )
+                self._close_with(self.socks.reply(s5.GENERAL_FAILURE))
+                return False
+            self.warm = True
+            relay_exit.handshakes -= 1
+        self._write(self.socks.keep_warm_reply())
+        self._received = 0  # a warm carrier may send keep-warms for as long as it likes
+        self._cancel_timer()
+        wait = self.heartbeat_ms / 1000 * relay_exit.settings.heartbeat_misses
+        self._timer = asyncio.get_running_loop().call_later(wait, self._warm_timed_out)
+        return True
+
+    def _leave_warm(self) -> None:
+        """The CONNECT came: from here on a handshake again, with the handshake timeout."""
+        relay_exit = self.exit
+        self.warm = False
+        relay_exit.warm_ended(self)
+        relay_exit.handshakes += 1
+        self.started = time.monotonic()
+        self._cancel_timer()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(relay_exit.settings.handshake_timeout, self._timed_out)
+
+    def _warm_timed_out(self) -> None:
+        self._timer = None
+        self.metrics.protocol_errors.labels("warm-timeout").inc()
+        log.info("warm carrier sent no keep-warm in time", extra={"fields": {"peer": self._peer()}})
+        self._end_handshake()
+        self.abort()
 
     def _timed_out(self) -> None:
         self._timer = None
@@ -619,7 +712,8 @@ class ExitConnection(PlainProtocol):
         return _fmt(peer) if peer else "?"
 
     def _advance(self, data: bytes) -> None:
-        self._corked = []
+        if self._corked is None:  # else answers held for the CONNECT reply are still waiting
+            self._corked = []
         try:
             events = self.socks.receive(data)
             while events and not self.closed:
@@ -670,13 +764,25 @@ class ExitConnection(PlainProtocol):
             self.exit.unauthenticated.pop(self, None)
             return True
         if isinstance(event, s5.Request):
+            if event.command == s5.CMD_KEEP_WARM and self._may_keep_warm(event):
+                return self._keep_warm(event)
             if event.command != s5.CMD_CONNECT:
                 self._refuse(s5.COMMAND_NOT_SUPPORTED, "command-not-supported", event)
                 return False
+            if self.warm:
+                self._leave_warm()
             self.transport.pause_reading()
             self._task = asyncio.ensure_future(self._connect_guarded(event))
             return False
         return False
+
+    def _may_keep_warm(self, request: s5.Request) -> bool:
+        """Keep-warm is for tunnel carriers whose HELLO succeeded, with address 0.0.0.0:0."""
+        return (
+            self.socks.method == hl.METHOD_TUNNEL
+            and self.session_id != hl.NEW_SESSION
+            and (request.atyp, request.host, request.port) == (s5.ATYP_IPV4, "0.0.0.0", 0)
+        )
 
     def _on_hello(self, hello: hl.Hello) -> bool:
         assert self.transport is not None

@@ -106,6 +106,23 @@ class Metrics:
             ["kind", "result"],
             registry=r,
         )
+        self.warm_carriers = Gauge(
+            "relay_warm_carriers",
+            "Warm carriers (HELLO done, waiting for a stream's CONNECT) open now",
+            registry=r,
+        )
+        self.stream_carriers = Counter(
+            "relay_stream_carriers",
+            "New streams by where their carrier came from (warm = taken from the warm pool)",
+            ["carrier"],
+            registry=r,
+        )
+        self.keep_warm_failures = Counter(
+            "relay_keep_warm_failures",
+            "Warm carriers lost or refused before a stream took them, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.ssh_active = Gauge(
             "relay_ssh_connections_active", "SSH connections to login nodes open now", registry=r
         )

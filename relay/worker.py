@@ -43,6 +43,7 @@ from relay.secrets import load_secret, load_userpass
 from relay.sockopts import set_keepalive, set_nodelay, transport_socket
 from relay.sshhop import Login, SshHop, SshUnavailable
 from relay.tlslink import TlsClient, TlsError, TlsVerifyError, client_context, connect_tls
+from relay.warm import WarmPool
 
 log = logging.getLogger("relay.worker")
 
@@ -73,6 +74,8 @@ class WorkerSettings:
         self.reconnect_max: float = kwargs.pop("reconnect_max", 30.0)
         self.ssh_connect_rate: float = kwargs.pop("ssh_connect_rate", 4.0)
         self.resume_timeout: float = kwargs.pop("resume_timeout", 600.0)
+        # Warm carriers kept per exit (0 = off), see relay.warm.
+        self.warm_carriers: int = kwargs.pop("warm_carriers", 2)
         self.tcp_keepalive: float = kwargs.pop("tcp_keepalive", 60.0)
         self.replay_buffer: int = kwargs.pop("replay_buffer", 4 * 1024 * 1024)
         # Answer local clients at once and send their first bytes behind the CONNECT.
@@ -115,6 +118,7 @@ class WorkerSettings:
             reconnect_max=cfg.reconnect_max,
             ssh_connect_rate=cfg.ssh_connect_rate,
             resume_timeout=cfg.resume_timeout,
+            warm_carriers=cfg.warm_carriers,
             tcp_keepalive=cfg.tcp_keepalive,
             replay_buffer=cfg.replay_buffer,
             optimistic=not cfg.no_optimistic,
@@ -184,6 +188,7 @@ class RelayWorker(Daemon):
         self._stopping = False
         self._forward: Optional[tuple[Any, Any]] = None
         self.listeners = Listeners(self)
+        self.warm: dict[tuple[str, int], WarmPool] = {}
 
     async def start(self) -> None:
         s = self.settings
@@ -206,14 +211,17 @@ class RelayWorker(Daemon):
             },
         )
         await self.listeners.start()
+        self._start_warm()
 
     async def drain(self, timeout: float) -> None:
         self.listeners.close()
+        await self._close_warm()
         await super().drain(timeout)
 
     async def stop(self) -> None:
         self.listeners.close()
         self._stopping = True
+        await self._close_warm()
         for session in self.sessions.values():
             if session.task is not None:
                 session.task.cancel()
@@ -235,19 +243,89 @@ class RelayWorker(Daemon):
         healthy = [e for e in rotated if self._exit_failed.get(e, -1e9) + EXIT_PENALTY < now]
         return healthy + [e for e in rotated if e not in healthy]
 
+    # -- warm carriers --------------------------------------------------------------------
+    def _start_warm(self) -> None:
+        s = self.settings
+        if s.warm_carriers <= 0 or s.upstream is not None:
+            return
+        for exit_addr in s.exits:
+            if exit_addr not in self.warm:
+                pool = WarmPool(self, exit_addr, s.warm_carriers)
+                self.warm[exit_addr] = pool
+                pool.start()
+
+    async def _close_warm(self) -> None:
+        pools, self.warm = list(self.warm.values()), {}
+        for pool in pools:
+            await pool.close()
+
+    def may_warm(self) -> bool:
+        """Warm carriers are opened over an SSH connection that is up, never for one."""
+        return not self._stopping and (self.ssh is None or self.ssh.connected)
+
+    async def _take_warm(
+        self, exit_addr: tuple[str, int], host: str, port: int, pump: Optional[TunnelPump]
+    ) -> Optional[tuple[Any, Opened]]:
+        """Send the CONNECT on a warm carrier to ``exit_addr``, if one is ready."""
+        pool = self.warm.get(exit_addr)
+        if pool is None:
+            return None
+        pool.kick()  # the SSH connection may be up again: let an empty pool refill
+        entry = pool.take()
+        if entry is None:
+            return None
+        carrier = entry.send_connect(host, port)
+        self._send_behind_connect(carrier, pump)
+        try:
+            opened = await self._handshake(carrier)
+        except (OpenFailed, TunnelRefused) as exc:
+            self.metrics.keep_warm_failures.labels("lost").inc()
+            log.debug("warm carrier failed its CONNECT", extra={"fields": {"why": str(exc)}})
+            self._let_go(carrier, pump, exc)
+            return None
+        self.metrics.stream_carriers.labels("warm").inc()
+        return carrier, opened
+
+    def _send_behind_connect(self, carrier: Any, pump: Optional[TunnelPump]) -> None:
+        """Optimistic data: the stream sends on the carrier right behind its CONNECT."""
+        if pump is None:
+            return
+        if pump.done is not None:
+            carrier.link.close()
+            raise OpenFailed(s5.GENERAL_FAILURE, "client gone")
+        pump.attach_carrier(carrier.link)
+
+    def _let_go(self, carrier: Any, pump: Optional[TunnelPump], exc: Exception) -> None:
+        """A carrier failed before the exit answered the CONNECT. Its stream may go to
+        another carrier, from its first byte, only if this exit cannot have started it."""
+        if pump is None:
+            return
+        stream = pump.stream
+        if carrier.established is not None and (stream.send_offset or stream.fin_sent):
+            raise OpenFailed(
+                s5.GENERAL_FAILURE, f"carrier lost before the exit answered the CONNECT: {exc}"
+            )
+        pump.detach_carrier()
+
     async def open_carrier(
         self, host: str, port: int, pump: Optional[TunnelPump] = None
     ) -> tuple[Any, Opened, tuple[str, int]]:
         """Open a carrier to an exit and run the handshake for ``host:port``.
 
-        An exit that cannot be reached is skipped for a while and the next one tried, so
-        losing one exit VM costs new streams nothing but the failed attempt. With ``pump``
-        (optimistic data) the stream sends on the carrier right behind its CONNECT; after a
-        failed handshake the next carrier sends it all again from the start.
+        A warm carrier for the chosen exit is used when one is ready; otherwise a new one is
+        dialled. An exit that cannot be reached is skipped for a while and the next one
+        tried, so losing one exit VM costs new streams nothing but the failed attempt. With
+        ``pump`` (optimistic data) the stream sends on the carrier right behind its CONNECT;
+        after a failed handshake the next carrier sends it all again from the start, unless
+        the exit may already have started it.
         """
         s = self.settings
         failure: Optional[OpenFailed] = None
         for exit_addr in self._exit_order():
+            warm = await self._take_warm(exit_addr, host, port, pump)
+            if warm is not None:
+                self._exit_failed.pop(exit_addr, None)
+                return warm[0], warm[1], exit_addr
             try:
                 carrier = await self._dial(exit_addr)
             except OpenFailed as exc:
@@ -257,11 +335,7 @@ class RelayWorker(Daemon):
                 self._exit_failed[exit_addr] = time.monotonic()
                 continue
             carrier.start(new_opener(s.secret, s.key_id, s.heartbeat, (host, port)))
-            if pump is not None:
-                if pump.done is not None:
-                    carrier.link.close()
-                    raise OpenFailed(s5.GENERAL_FAILURE, "client gone")
-                pump.attach_carrier(carrier.link)
+            self._send_behind_connect(carrier, pump)
             try:
                 opened = await self._handshake(carrier)
             except TunnelRefused as exc:
@@ -269,10 +343,10 @@ class RelayWorker(Daemon):
             except OpenFailed as exc:  # the exit dropped the carrier: try the next one
                 failure = exc
                 self._exit_failed[exit_addr] = time.monotonic()
-                if pump is not None:
-                    pump.detach_carrier()
+                self._let_go(carrier, pump, exc)
                 continue
             self._exit_failed.pop(exit_addr, None)
+            self.metrics.stream_carriers.labels("dialled").inc()
             return carrier, opened, exit_addr
         assert failure is not None
         raise failure

@@ -191,6 +191,8 @@ async def test_resume_on_the_other_process_is_handed_over_and_completes(
         sock = await Proxy.from_url(url).connect("127.0.0.1", port, timeout=20)
         reader, writer = await asyncio.open_connection(sock=sock)
         digest = hashlib.sha256()
+        # the worker answered at once (optimistic data): the session exists once the exit did
+        await _wait_for(lambda: len(worker.sessions) == 1, "the exit's answer")
         (session,) = worker.sessions.values()
         owner = ho.session_owner(session.session_id, 2)
         assert owner in (0, 1)

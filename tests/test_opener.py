@@ -15,7 +15,14 @@ from relay.proto import ProtocolError
 from relay.proto import frames as fr
 from relay.proto import hello as hl
 from relay.proto import socks5 as s5
-from relay.proto.opener import AuthFailed, Connected, Established, Refused, TunnelOpener
+from relay.proto.opener import (
+    AuthFailed,
+    Connected,
+    Established,
+    KeptWarm,
+    Refused,
+    TunnelOpener,
+)
 
 SECRET = b"s" * 32
 KEY_ID = "worker-1"
@@ -380,3 +387,164 @@ def test_new_session_needs_a_destination_and_resume_must_not_have_one() -> None:
             destination=("example.org", 80),
             session_id=SESSION,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# warm carriers
+
+
+def warm_opener() -> TunnelOpener:
+    return TunnelOpener(
+        key=SECRET, key_id=KEY_ID, now_ms=NOW_MS, nonce=NONCE, heartbeat_ms=HB, warm=True
+    )
+
+
+class WarmExit:
+    """The exit's side of a warm carrier, fed the worker's bytes in pieces."""
+
+    def __init__(self, connect_code: int = s5.SUCCEEDED, early_data: bytes = b"") -> None:
+        self.server = s5.Socks5Server({hl.METHOD_TUNNEL: hl.decode_hello})
+        self.connect_code = connect_code
+        self.early_data = early_data
+        self.keep_warms = 0
+        self.request: Optional[s5.Request] = None
+
+    def feed(self, data: bytes) -> bytes:
+        out = bytearray()
+        pending = self.server.receive(data)
+        while pending:
+            event = pending.pop(0)
+            if isinstance(event, s5.Greeting):
+                out += self.server.select_method(hl.METHOD_TUNNEL)
+            elif isinstance(event, s5.SubNegotiation):
+                hello = event.message
+                assert isinstance(hello, hl.Hello) and hl.verify_hello(hello, SECRET)
+                out += hl.encode_reply(
+                    SECRET, hello.mac, hl.OK, SESSION, 0, HB, EXIT_NONCE, EXIT_TS
+                )
+                self.server.subnegotiation_done(True)
+            else:
+                assert isinstance(event, s5.Request)
+                if event.command == s5.CMD_KEEP_WARM:
+                    assert (event.host, event.port, event.atyp) == ("0.0.0.0", 0, s5.ATYP_IPV4)
+                    self.keep_warms += 1
+                    out += self.server.keep_warm_reply()
+                else:
+                    self.request = event
+                    out += self.server.reply(self.connect_code, "10.1.2.3", 40000)
+                    out += self.early_data
+                    return bytes(out)
+            pending += self.server.receive()
+        return bytes(out)
+
+
+def test_warm_first_flight_is_greeting_hello_keep_warm() -> None:
+    flight = warm_opener().first_flight()
+    hello = hl.encode_hello(SECRET, KEY_ID, NOW_MS, NONCE, hl.NEW_SESSION, 0, HB)
+    assert flight == b"\x05\x01\x80" + hello + bytes.fromhex("05800001000000000000")
+    assert bytes.fromhex("05800001000000000000") == s5.KEEP_WARM
+    assert bytes.fromhex("05000001000000000000") == s5.KEEP_WARM_REPLY
+
+
+def test_warm_carrier_keeps_warm_then_connects() -> None:
+    opener = warm_opener()
+    exit_ = WarmExit()
+    answer = exit_.feed(opener.first_flight(now=10.0))
+    events = opener.receive(answer, now=10.25)
+    skey = hl.session_key(SECRET, NONCE, EXIT_NONCE, SESSION)
+    assert events == [Established(SESSION, skey, HB, 0, EXIT_TS), KeptWarm(0, 0.25)]
+    assert opener.usable
+    assert opener.receive(exit_.feed(opener.keep_warm(now=35.0)), now=35.5) == [KeptWarm(0, 0.5)]
+    answer = exit_.feed(opener.request("collector.example.org", 9618))
+    assert exit_.request == s5.Request(s5.CMD_CONNECT, "collector.example.org", 9618, 3)
+    assert exit_.keep_warms == 2
+    assert opener.receive(answer) == [Connected(s5.SUCCEEDED, "10.1.2.3", 40000)]
+    assert not opener.usable
+    assert_done(opener)
+    with pytest.raises(RuntimeError):
+        opener.keep_warm(40.0)
+    with pytest.raises(RuntimeError):
+        opener.request("x", 1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(0, 6),
+    st.integers(0, 6),
+    st.lists(st.integers(0, 2**31), max_size=12),
+    st.lists(st.integers(0, 2**31), max_size=12),
+    st.binary(max_size=64),
+    st.sampled_from([s5.SUCCEEDED, s5.CONNECTION_REFUSED, s5.NOT_ALLOWED]),
+)
+def test_warm_any_split_and_any_pipelining(
+    answered: int, pipelined: int, wcuts: list[int], cuts: list[int], early: bytes, code: int
+) -> None:
+    """Keep-warms answered one by one, then more sent together with the CONNECT before their
+    replies come back; both byte streams split anywhere: every reply is matched in order."""
+    opener = warm_opener()
+    exit_ = WarmExit(connect_code=code, early_data=early)
+    events: list = []
+    events += opener.receive(exit_.feed(opener.first_flight(now=0.0)), now=1.0)
+    for i in range(answered):
+        events += opener.receive(
+            exit_.feed(opener.keep_warm(now=10.0 * (i + 1))), now=10.0 * i + 12
+        )
+    flight = b"".join(opener.keep_warm(now=100.0) for _ in range(pipelined))
+    flight += opener.request("192.0.2.7", 443)
+    answer = b"".join(exit_.feed(chunk) for chunk in split_at(flight, wcuts))
+    for chunk in split_at(answer, cuts):
+        events += opener.receive(chunk, now=101.0)
+    assert exit_.keep_warms == 1 + answered + pipelined
+    assert exit_.request == s5.Request(s5.CMD_CONNECT, "192.0.2.7", 443, s5.ATYP_IPV4)
+    assert type(events[0]) is Established
+    assert (
+        events[1:-1]
+        == [KeptWarm(0, 1.0)] + [KeptWarm(0, 2.0)] * answered + [KeptWarm(0, 1.0)] * pipelined
+    )
+    assert events[-1] == Connected(code, "10.1.2.3", 40000)
+    assert_done(opener, early)
+
+
+@pytest.mark.parametrize("code", [s5.GENERAL_FAILURE, s5.COMMAND_NOT_SUPPORTED])
+def test_keep_warm_refused_ends_the_opener(code: int) -> None:
+    """A full warm limit (01) or an exit that does not know keep-warm (07)."""
+    opener = warm_opener()
+    answer = FakeExit(connect_code=code).answer(opener.first_flight(now=1.0))
+    events = opener.receive(answer, now=2.0)
+    assert [type(e) for e in events] == [Established, KeptWarm]
+    assert events[1].code == code
+    assert not opener.usable
+    with pytest.raises(RuntimeError):
+        opener.request("192.0.2.7", 443)
+
+
+def test_warm_reply_to_no_request_is_a_protocol_error() -> None:
+    opener = warm_opener()
+    answer = WarmExit().feed(opener.first_flight())
+    with pytest.raises(ProtocolError):
+        opener.receive(answer + s5.KEEP_WARM_REPLY)
+
+
+def test_keep_warm_reply_with_an_address_is_a_protocol_error() -> None:
+    opener = warm_opener()
+    answer = WarmExit().feed(opener.first_flight())
+    answer = answer[: -len(s5.KEEP_WARM_REPLY)] + bytes.fromhex("05000001c000020701bb")
+    with pytest.raises(ProtocolError):
+        opener.receive(answer)
+
+
+def test_warm_opener_misuse() -> None:
+    with pytest.raises(ValueError):
+        TunnelOpener(
+            key=SECRET, key_id=KEY_ID, now_ms=NOW_MS, nonce=NONCE, heartbeat_ms=HB,
+            destination=("x", 1), warm=True,
+        )  # fmt: skip
+    with pytest.raises(ValueError):
+        TunnelOpener(
+            key=SECRET, key_id=KEY_ID, now_ms=NOW_MS, nonce=NONCE, heartbeat_ms=HB,
+            session_id=SESSION, warm=True,
+        )  # fmt: skip
+    with pytest.raises(RuntimeError):
+        warm_opener().keep_warm(0.0)  # before the first flight
+    with pytest.raises(RuntimeError):
+        new_opener().first_flight() and new_opener().request("x", 1)

@@ -625,6 +625,90 @@ def test_tunnel_flight_any_split(trailing: bytes, cuts: list[int]) -> None:
     assert server.trailing() == trailing
 
 
+def answer_keep_warm(server: s5.Socks5Server, event: s5.Event) -> bytes:
+    if isinstance(event, s5.Request) and event.command == s5.CMD_KEEP_WARM:
+        return server.keep_warm_reply()
+    return accept_all(server, event)
+
+
+def test_keep_warm_bytes_and_reply() -> None:
+    assert bytes.fromhex("05800001000000000000") == s5.KEEP_WARM
+    assert s5.Socks5Client.request(s5.CMD_KEEP_WARM, "0.0.0.0", 0) == s5.KEEP_WARM
+    server = s5.Socks5Server({hl.METHOD_TUNNEL: hl.decode_hello})
+    flight = tunnel_flight()
+    cut = len(flight) - len(s5.Socks5Client.request(s5.CMD_CONNECT, "collector.example.org", 9618))
+    server.receive(flight[:cut] + s5.KEEP_WARM)
+    server.select_method(hl.METHOD_TUNNEL)
+    server.receive()
+    server.subnegotiation_done(True)
+    assert server.receive() == [s5.Request(s5.CMD_KEEP_WARM, "0.0.0.0", 0, s5.ATYP_IPV4)]
+    assert server.state == "reply"
+    assert server.keep_warm_reply() == bytes.fromhex("05000001000000000000")
+    assert server.state == "request"
+    with pytest.raises(RuntimeError):
+        server.keep_warm_reply()
+    assert server.receive(flight[cut:]) == [
+        s5.Request(s5.CMD_CONNECT, "collector.example.org", 9618, 3)
+    ]
+
+
+def test_keep_warm_reply_only_when_a_request_is_due() -> None:
+    server = s5.Socks5Server()
+    with pytest.raises(RuntimeError):
+        server.keep_warm_reply()
+    server.receive(b"\x05\x01\x00")
+    server.select_method(s5.NO_AUTH)
+    with pytest.raises(RuntimeError):
+        server.keep_warm_reply()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 8), st.binary(max_size=40), cuts_strategy)
+def test_keep_warms_then_connect_any_split(count: int, trailing: bytes, cuts: list[int]) -> None:
+    """Greeting, HELLO, any number of keep-warms, CONNECT and early data, split anywhere."""
+    flight = tunnel_flight(trailing)
+    connect = s5.Socks5Client.request(s5.CMD_CONNECT, "collector.example.org", 9618)
+    head = flight[: len(flight) - len(trailing) - len(connect)]
+    wire = head + s5.KEEP_WARM * count + connect + trailing
+    server = s5.Socks5Server({hl.METHOD_TUNNEL: hl.decode_hello})
+    events, answers = drive_server(server, split_at(wire, cuts), answer_keep_warm)
+    keep_warm = s5.Request(s5.CMD_KEEP_WARM, "0.0.0.0", 0, s5.ATYP_IPV4)
+    assert events[2:] == [keep_warm] * count + [
+        s5.Request(s5.CMD_CONNECT, "collector.example.org", 9618, 3)
+    ]
+    connect_reply = b"\x05\x00\x00\x01\x0a\x00\x00\x01\x04\x38"
+    assert answers == b"\x05\x80<subneg-answer>" + s5.KEEP_WARM_REPLY * count + connect_reply
+    assert server.trailing() == trailing
+
+
+@given(st.integers(0, 8), st.binary(max_size=40), cuts_strategy)
+def test_client_parses_keep_warm_replies_in_order(
+    count: int, trailing: bytes, cuts: list[int]
+) -> None:
+    client = s5.Socks5Client({hl.METHOD_TUNNEL: lambda buf: (b"ok", 2) if len(buf) >= 2 else None})
+    client.greeting(bytes([hl.METHOD_TUNNEL]))
+    wire = b"\x05\x80ok" + s5.KEEP_WARM_REPLY * count + b"\x05\x00\x00\x01\x0a\x00\x00\x01\x04\x38"
+    events: list[s5.Event] = []
+    for chunk in split_at(wire + trailing, cuts):
+        events += client.receive(chunk)
+        while client.state == "done" and sum(isinstance(e, s5.Reply) for e in events) <= count:
+            client.expect_reply()
+            events += client.receive()
+    replies = [e for e in events if isinstance(e, s5.Reply)]
+    assert replies == [s5.Reply(0, "0.0.0.0", 0)] * count + [s5.Reply(0, "10.0.0.1", 1080)]
+    assert client.trailing() == trailing
+
+
+def test_client_expect_reply_only_after_a_reply() -> None:
+    client = s5.Socks5Client()
+    with pytest.raises(RuntimeError):
+        client.expect_reply()
+    client.greeting(b"\x00")
+    client.receive(b"\x05\xff")
+    with pytest.raises(RuntimeError):
+        client.expect_reply()
+
+
 # ---------------------------------------------------------------------------------------------
 # properties: robustness against arbitrary input
 

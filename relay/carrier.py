@@ -65,12 +65,7 @@ class CarrierBase:
         Returns the bytes the pump sent again because the peer had not received them.
         """
         self.pump = pump
-        held = b"".join(self._held)
-        self._held.clear()
-        if self.opener is not None:
-            held = self.opener.trailing() + held
-            self.opener = None
-        replayed = pump.attach_carrier(self.link, held, peer_offset)
+        replayed = pump.attach_carrier(self.link, self._take_held(), peer_offset)
         if self._lost is not None:
             pump.carrier_lost(self._lost, self.link)
         return replayed
@@ -79,14 +74,18 @@ class CarrierBase:
         """Give the data phase to ``pump``, which has sent on this carrier since right after
         the first flight (optimistic data): nothing is sent again, held bytes go to it."""
         self.pump = pump
+        pump.carrier_confirmed(self._take_held())
+        if self._lost is not None:
+            pump.carrier_lost(self._lost, self.link)
+
+    def _take_held(self) -> bytes:
+        """What arrived after the handshake, in order: the opener's rest, then held reads."""
         held = b"".join(self._held)
         self._held.clear()
         if self.opener is not None:
             held = self.opener.trailing() + held
             self.opener = None
-        pump.carrier_confirmed(held)
-        if self._lost is not None:
-            pump.carrier_lost(self._lost, self.link)
+        return held
 
     def _current(self) -> bool:
         """True while this carrier is the one its stream uses (not one replaced by a resume)."""

@@ -205,6 +205,8 @@ class TunnelPump:
         self._recv_unflushed = 0
         self.done: Optional[str] = None
         self._unconfirmed_limit = unconfirmed_limit
+        self._out: list[Any] = []
+        """Payloads for the plain side, written together once the current callback is over."""
         """Set while the exit has not confirmed the stream: reading stops at this offset."""
         metrics.streams_active.inc()
 
@@ -356,9 +358,12 @@ class TunnelPump:
             kind = type(event)
             if kind is fr.Data:
                 if plain is not None:
-                    plain.write(event.payload)  # type: ignore[union-attr]
+                    if not self._out:
+                        self.loop.call_soon(self._write_out)
+                    self._out.append(event.payload)  # type: ignore[union-attr]
                 self._recv_unflushed += len(event.payload)  # type: ignore[union-attr]
             elif kind is fr.Fin:
+                self._write_out()
                 if plain is not None and plain.can_write_eof():
                     plain.write_eof()
                 self._plain_eof_written = True
@@ -375,6 +380,12 @@ class TunnelPump:
         if reply and self.carrier is not None and not self._send((reply,)):
             return
         self._maybe_finish()
+
+    def _write_out(self) -> None:
+        """One writelines() for the payloads of many SSH packets: fewer send() calls."""
+        out, self._out = self._out, []
+        if out and self.plain is not None:
+            self.plain.writelines(out)
 
     def carrier_lost(self, why: str, carrier: Any = None) -> None:
         """The carrier closed or failed; clean if the stream already finished, else a loss.
@@ -454,12 +465,14 @@ class TunnelPump:
     def _maybe_finish(self) -> None:
         stream = self.stream
         if self._plain_eof_seen and self._plain_eof_written and self.plain is not None:
+            self._write_out()
             self.plain.close()
         if stream.finished and self.carrier is not None:
             self._close_carrier()
             self._finish(OK, "")
 
     def _reset_plain(self) -> None:
+        self._out.clear()
         if self.plain is not None:
             abort_with_reset(self.plain)
             self.plain = None
@@ -511,6 +524,7 @@ class TunnelPump:
         self._cancel_timer()
         self._flush_counters()
         if self.plain is not None and result == OK:
+            self._write_out()
             self.plain.close()
         self.metrics.streams_active.dec()
         self.metrics.streams.labels(result).inc()

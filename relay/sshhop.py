@@ -73,7 +73,10 @@ class BatchedWrites:
     def flush(self) -> None:
         pending, self._pending = self._pending, []
         if pending and not self.transport.is_closing():
-            self.transport.writelines(pending)
+            if len(pending) == 1:
+                self.transport.write(pending[0])
+            else:
+                self.transport.writelines(pending)
 
     def close(self) -> None:
         self.flush()

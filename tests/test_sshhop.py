@@ -112,6 +112,9 @@ def test_batched_writes_keep_order_and_flush_before_abort() -> None:
             def writelines(self, chunks: list[bytes]) -> None:
                 sent.extend(chunks)
 
+            def write(self, data: bytes) -> None:
+                sent.append(data)
+
             def is_closing(self) -> bool:
                 return self.closed
 

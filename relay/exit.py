@@ -25,7 +25,14 @@ from relay.proto import handoff as ho
 from relay.proto import hello as hl
 from relay.proto import socks5 as s5
 from relay.proto.stream import TunnelStream
-from relay.pump import PARK_EXPIRED, PlainProtocol, RawPump, StreamInfo, TunnelPump
+from relay.pump import (
+    PARK_EXPIRED,
+    PlainProtocol,
+    RawPump,
+    ReplayTally,
+    StreamInfo,
+    TunnelPump,
+)
 from relay.secrets import load_keys
 from relay.sockopts import set_keepalive, set_nodelay, transport_socket
 from relay.tlslink import TlsEngine, TlsLink, cert_fingerprint, server_context
@@ -151,6 +158,7 @@ class RelayExit(Daemon):
         self.streams_per_key: Counter[str] = Counter()
         self.opening = 0
         self.over_budget = False
+        self.replay_tally = ReplayTally()
         self._budget_task: Optional[asyncio.Future[None]] = None
         self.sessions: dict[bytes, ExitSession] = {}
         self._session_of: dict[TunnelPump, bytes] = {}
@@ -325,8 +333,10 @@ class RelayExit(Daemon):
         """Hold every stream's destination side while all replay buffers together exceed
         --max-buffered; let them read again below three quarters of it. Returns the sum."""
         limit = self.settings.max_buffered
+        total = self.replay_tally.bytes
+        if total <= limit and not self.over_budget:
+            return total
         tunnels = [p for p in self.pumps if isinstance(p, TunnelPump)]
-        total = sum(p.stream.replay_bytes for p in tunnels)
         if total > limit:
             if not self.over_budget:
                 self.over_budget = True
@@ -1053,6 +1063,7 @@ class ExitConnection(PlainProtocol):
                 plain_is_client=False,
                 on_done=relay_exit.stream_done,
                 on_carrier_lost=relay_exit.carrier_lost,
+                tally=relay_exit.replay_tally,
             )
             relay_exit.pumps.add(pump)
             session = ExitSession(self.session_id, self.key_id, self.session_key, pump)

@@ -172,6 +172,16 @@ class _Pausable:
                 self.target.resume_reading()
 
 
+class ReplayTally:
+    """Unacknowledged bytes of every stream of a daemon, kept as they change, so a budget
+    over all replay buffers costs nothing per check however many streams are idle."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
 class TunnelPump:
     """Plain TCP <-> framed tunnel carrier for one stream; owns the stream's lifetime."""
 
@@ -185,8 +195,11 @@ class TunnelPump:
         on_done: Optional[Callable[[TunnelPump, str], None]] = None,
         on_carrier_lost: Optional[Callable[[TunnelPump, str], bool]] = None,
         unconfirmed_limit: Optional[int] = None,
+        tally: Optional[ReplayTally] = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self._tally = tally
+        self._tallied = 0
         self.stream = stream
         self.info = info
         self.metrics = metrics
@@ -245,6 +258,7 @@ class TunnelPump:
             return 0
         self._set_carrier(carrier)
         self._carrier_reading.target = carrier
+        self._count_replay()
         if preface:
             pieces.insert(0, preface)
         if pieces and not self._send(pieces):
@@ -290,6 +304,13 @@ class TunnelPump:
         self._set_carrier(None)
         self._carrier_reading.target = None
 
+    def _count_replay(self) -> None:
+        tally = self._tally
+        if tally is not None:
+            now = 0 if self.done is not None else self.stream.replay_bytes
+            tally.bytes += now - self._tallied
+            self._tallied = now
+
     # -- plain side -----------------------------------------------------------------------
     def plain_data(self, data: bytes) -> None:
         if self.done is not None:
@@ -299,6 +320,9 @@ class TunnelPump:
         # next carrier sends them. Either way a full buffer stops reading the source.
         pieces = stream.send(data, self.loop.time())
         self._sent_unflushed += len(data)
+        if self._tally is not None:
+            self._tally.bytes += len(data)
+            self._tallied += len(data)
         if self.carrier is not None and not self._send(pieces):
             return
         if stream.window <= 0:
@@ -377,6 +401,7 @@ class TunnelPump:
                 self.metrics.heartbeat_rtt.observe(event.seconds)  # type: ignore[union-attr]
             elif stream.window > 0:
                 self._plain_reading.resume("window")
+        self._count_replay()
         if reply and self.carrier is not None and not self._send((reply,)):
             return
         self._maybe_finish()
@@ -523,6 +548,7 @@ class TunnelPump:
         self.done = result
         self._cancel_timer()
         self._flush_counters()
+        self._count_replay()
         if self.plain is not None and result == OK:
             self._write_out()
             self.plain.close()

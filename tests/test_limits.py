@@ -222,6 +222,9 @@ async def test_buffered_bytes_stay_near_the_budget_and_every_byte_arrives(
         assert budget < peak <= 3 * (replay + 256 * 1024), peak
         holding = [p for p in relay_exit.pumps if p.stream.replay_bytes]  # type: ignore[union-attr]
         assert len(relay_exit.pumps) == 12 and len(holding) == 3
+        # the running tally the budget check reads is the sum over the streams
+        scanned = sum(p.stream.replay_bytes for p in relay_exit.pumps)  # type: ignore[union-attr]
+        assert relay_exit.replay_tally.bytes == scanned
 
         async def check(worker: SilentWorker) -> bool:
             data = await worker.read_all()
@@ -230,6 +233,8 @@ async def test_buffered_bytes_stay_near_the_budget_and_every_byte_arrives(
 
         assert all(await asyncio.gather(*(check(w) for w in workers)))
         assert not relay_exit.over_budget
+        scanned = sum(p.stream.replay_bytes for p in relay_exit.pumps)  # type: ignore[union-attr]
+        assert relay_exit.replay_tally.bytes == scanned
         assert metric(relay_exit.metrics, "relay_limit_hits_total", limit="buffered") >= 1
         assert any("over --max-buffered" in r.message for r in caplog.records)
         assert any("back under --max-buffered" in r.message for r in caplog.records)

@@ -11,7 +11,7 @@ from typing import Any
 from relay.metrics import Metrics
 from relay.proto import frames as fr
 from relay.proto.stream import TunnelStream
-from relay.pump import PlainProtocol, StreamInfo, TunnelPump
+from relay.pump import PlainProtocol, ReplayTally, StreamInfo, TunnelPump
 
 
 class _Carrier:
@@ -72,4 +72,28 @@ async def test_payloads_of_one_callback_leave_in_one_write_and_fin_follows_them(
     assert writes == [8]
     theirs.close()
     pump.shutdown()
+    transport.close()
+
+
+async def test_the_replay_tally_follows_sends_acks_and_the_end() -> None:
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    transport, plain = await loop.create_connection(PlainProtocol, sock=ours)
+    tally = ReplayTally()
+    stream = TunnelStream(heartbeat=30.0, now=loop.time())
+    pump = TunnelPump(
+        stream, StreamInfo("t", "x:1"), Metrics("exit"), plain_is_client=False, tally=tally
+    )
+    pump.attach_plain(plain)
+    pump.plain_data(b"x" * 1000)  # no carrier yet: kept for the next one
+    assert tally.bytes == 1000
+    carrier = _Carrier()
+    pump.attach_carrier(carrier, peer_offset=0)
+    pump.plain_data(b"y" * 500)
+    assert tally.bytes == 1500 == stream.replay_bytes
+    pump.carrier_data(fr.encode_ack(1200))
+    assert tally.bytes == 300 == stream.replay_bytes
+    pump.shutdown()
+    assert tally.bytes == 0
+    theirs.close()
     transport.close()

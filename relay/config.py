@@ -221,7 +221,7 @@ EXIT_OPTIONS: tuple[Option, ...] = (
         1,
         "processes accepting on the listen port (SO_REUSEPORT, Linux); above 1 a supervisor"
         " runs them, each with its share of the limits below (see docs/OPERATIONS.md);"
-        f" at most {MAX_WORKERS}, and not with --tls-cert",
+        f" at most {MAX_WORKERS}",
         metavar="N",
         min=1,
     ),
@@ -1115,11 +1115,6 @@ def load_exit_config(argv: Sequence[str]) -> ExitConfig:
     workers = _option(EXIT_OPTIONS, "workers")
     if v["workers"] > MAX_WORKERS:
         raise _err(f"{loaded.name(workers)} is {v['workers']}: at most {MAX_WORKERS}")
-    if v["workers"] > 1 and v[cert.key] is not None:
-        raise _err(
-            f"{loaded.name(workers)} above 1 does not work with {loaded.name(cert)}: a TLS"
-            " connection cannot be passed to the process that owns its session"
-        )
     if v["workers"] > 1 and not sys.platform.startswith("linux"):
         raise _err(f"{loaded.name(workers)} above 1 needs Linux (SO_REUSEPORT)")
     return ExitConfig(config_file=loaded.config_file, **v)

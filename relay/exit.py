@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 
 from relay.addresses import format_hostport
 from relay.daemon import Daemon
-from relay.exitgroup import Group, GroupPlace
+from relay.exitgroup import Group, GroupPlace, PlaintextRelay
 from relay.metrics import Metrics
 from relay.policy import Policy
 from relay.proto import ProtocolError
@@ -159,6 +159,8 @@ class RelayExit(Daemon):
         self.opening = 0
         self.over_budget = False
         self.replay_tally = ReplayTally()
+        self.tls_relays: set[PlaintextRelay] = set()
+        """TLS carriers of sessions a sibling owns, whose plaintext this process carries."""
         self._budget_task: Optional[asyncio.Future[None]] = None
         self.sessions: dict[bytes, ExitSession] = {}
         self._session_of: dict[TunnelPump, bytes] = {}
@@ -892,12 +894,26 @@ class ExitConnection(PlainProtocol):
         self._corked = None  # the owner answers the greeting again, unless it was sent
         self._end_handshake()
         transport.pause_reading()
+        self.closed = True
+        if isinstance(transport, TlsLink):
+            # TLS stays here; the owner gets the plaintext over a local socket pair.
+            ours, theirs = socket.socketpair()
+            sent = group.send(target, kind, self._sent, data, theirs.fileno())
+            theirs.close()
+            if not sent:
+                ours.close()
+                transport.abort()
+                return True
+            relays = self.exit.tls_relays
+            self.exit.connections.discard(self)
+            relay = PlaintextRelay(transport, ours, lambda: relays.discard(relay))
+            relays.add(relay)
+            return True
         sock = transport_socket(transport)
         if sock is not None:
             group.send(target, kind, self._sent, data, sock.fileno())
         # Our descriptor goes; the connection lives on in the owner (or, if the handoff
         # failed, it closes here and the failure is counted).
-        self.closed = True
         transport.abort()
         log.debug(
             "handed off",

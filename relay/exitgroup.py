@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from relay.metrics import Metrics
 from relay.proto import ProtocolError
@@ -131,8 +131,9 @@ class Group:
             if sock.type != socket.SOCK_STREAM or sock.family not in (
                 socket.AF_INET,
                 socket.AF_INET6,
+                socket.AF_UNIX,  # a TLS carrier's plaintext, see PlaintextRelay
             ):
-                raise ProtocolError("handoff descriptor is not a TCP socket")
+                raise ProtocolError("handoff descriptor is not a stream socket")
             handoff = ho.decode(message)
         except ProtocolError as exc:
             self.metrics.protocol_errors.labels("handoff").inc()
@@ -179,3 +180,106 @@ class Group:
         with contextlib.suppress(Exception):
             if self._control is not None:
                 asyncio.get_running_loop().remove_reader(self._control.fileno())
+
+
+class PlaintextRelay:
+    """A TLS carrier whose session another process owns: TLS cannot be passed on, so this
+    process keeps it and carries the plaintext to the owner over a local socket pair.
+
+    It is the TLS link's inner protocol; :class:`_OwnerSide` is the pair's end here. Each side
+    stops reading while the other cannot write, so neither buffers without bound.
+    """
+
+    def __init__(self, link: Any, pair_end: socket.socket, on_done: Callable[[], None]) -> None:
+        self.link = link
+        self.local: Optional[asyncio.Transport] = None
+        self._pending: list[bytes] = []
+        self._eof = False
+        self._on_done = on_done
+        self._done = False
+        link.inner = self
+        link.pause_reading()  # until the pair's end is connected
+        task = asyncio.ensure_future(
+            asyncio.get_running_loop().connect_accepted_socket(lambda: _OwnerSide(self), pair_end)
+        )
+        task.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Future[Any]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            self.link.abort()
+            self.finish()
+            return
+        pending, self._pending = self._pending, []
+        if self.local is None or self.local.is_closing():
+            return
+        self.local.writelines(pending)
+        if self._eof:
+            self.local.write_eof()
+        self.link.resume_reading()
+
+    def finish(self) -> None:
+        if not self._done:
+            self._done = True
+            self._on_done()
+
+    # -- as the TLS link's inner protocol: the worker's side -------------------------------
+    def connection_made(self, transport: Any) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        if self.local is None:
+            self._pending.append(data)
+        else:
+            self.local.write(data)
+
+    def eof_received(self) -> bool:
+        if self.local is None:
+            self._eof = True
+        elif self.local.can_write_eof():
+            self.local.write_eof()
+        return True
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        if self.local is not None:
+            self.local.abort() if exc else self.local.close()
+        self.finish()
+
+    def tls_failed(self, exc: Exception) -> None:
+        if self.local is not None:
+            self.local.abort()
+
+    def pause_writing(self) -> None:
+        if self.local is not None:
+            self.local.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.local is not None:
+            self.local.resume_reading()
+
+
+class _OwnerSide(asyncio.Protocol):
+    """This process's end of the socket pair to the owner: the owner's bytes go out in TLS."""
+
+    def __init__(self, relay: PlaintextRelay) -> None:
+        self.relay = relay
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.relay.local = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.link.write(data)
+
+    def eof_received(self) -> bool:
+        self.relay.link.close()  # TLS has no half-close of its own; the owner is done
+        return False
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        link = self.relay.link
+        link.abort() if exc else link.close()
+        self.relay.finish()
+
+    def pause_writing(self) -> None:
+        self.relay.link.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.relay.link.resume_reading()

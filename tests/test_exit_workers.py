@@ -6,6 +6,7 @@ and a crashed process is restarted. Worker in this process, carriers direct on 1
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -17,13 +18,14 @@ import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.proto import handoff as ho
 from relay.proto import hello as hl
+from relay.tlslink import TlsClient, client_context
 from relay.worker import RelayWorker
 from tests.cutter import Cutter
 from tests.helpers import (
@@ -37,6 +39,7 @@ from tests.helpers import (
 from tests.lab._proc import pid_alive, terminate
 from tests.lab.relays import write_config
 from tests.test_reload import Flow, free_port, open_flows
+from tests.tlscerts import make_pki
 
 BIN = Path(sys.executable).parent
 
@@ -48,6 +51,7 @@ class Group:
     metrics_port: int
     log: Path
     config: Path
+    tls: Optional[TlsClient] = None
 
     def lines(self) -> list[dict[str, Any]]:
         out = []
@@ -105,22 +109,43 @@ async def _wait_for(predicate: Any, what: str, timeout: float = 20.0) -> None:
 
 @pytest.fixture(params=["uvloop", "asyncio"])
 async def group(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Group]:
+    async with _running_group(request.param, tmp_path) as g:
+        yield g
+
+
+@pytest.fixture(params=["uvloop", "asyncio", "uvloop-tls", "asyncio-tls"])
+async def any_group(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Group]:
+    """Also with TLS: a process that reads a HELLO it does not own keeps the TLS and carries
+    the plaintext to the owner."""
+    async with _running_group(request.param, tmp_path) as g:
+        yield g
+
+
+@contextlib.asynccontextmanager
+async def _running_group(param: str, tmp_path: Path) -> AsyncIterator[Group]:
     keys = tmp_path / "exit.keys"
     keys.write_text(f"{KEY_ID} {SECRET.decode()}\n")
     keys.chmod(0o600)
     port, metrics_port = free_port(), free_port()
-    config = write_config(tmp_path / "exit.toml", "exit", {
+    options: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}", "keys": str(keys), "allow": ["127.0.0.1/32:*"],
         "heartbeat": 0.5, "log_format": "json", "workers": 2,
-        "metrics": f"127.0.0.1:{metrics_port}", "no_uvloop": request.param == "asyncio",
-    })  # fmt: skip
+        "metrics": f"127.0.0.1:{metrics_port}", "no_uvloop": param.startswith("asyncio"),
+    }  # fmt: skip
+    tls: Optional[TlsClient] = None
+    if param.endswith("-tls"):
+        pki = make_pki(tmp_path / "pki")
+        pki.server.key.chmod(0o600)
+        options.update(tls_cert=str(pki.server.cert), tls_key=str(pki.server.key))
+        tls = TlsClient(client_context(pki.ca.cert), "exit.test")
+    config = write_config(tmp_path / "exit.toml", "exit", options)
     log = tmp_path / "exit.log"
     handle = log.open("wb")
     env = dict(os.environ, TMPDIR=str(tmp_path))  # the supervisor's private directory
     proc = subprocess.Popen(
         [str(BIN / "relay-exit"), "--config", str(config)], stderr=handle, env=env
     )
-    g = Group(proc, port, metrics_port, log, config)
+    g = Group(proc, port, metrics_port, log, config, tls)
     try:
         deadline = time.monotonic() + 30
         while not any(line["msg"] == "listening" and "workers" in line for line in g.lines()):
@@ -140,17 +165,20 @@ async def servers() -> AsyncIterator[Servers]:
     await s.close()
 
 
-async def _worker(address: tuple[str, int]) -> RelayWorker:
-    worker = RelayWorker(worker_settings(None, address, heartbeat=0.5, reconnect_max=0.5))
+async def _worker(address: tuple[str, int], tls: Optional[TlsClient] = None) -> RelayWorker:
+    worker = RelayWorker(
+        worker_settings(None, address, heartbeat=0.5, reconnect_max=0.5, exit_tls=tls)
+    )
     await worker.start()
     return worker
 
 
 async def test_streams_spread_over_both_processes_and_metrics_show_both(
-    group: Group, servers: Servers
+    any_group: Group, servers: Servers
 ) -> None:
+    group = any_group
     port = await servers.start(echo_handler)
-    worker = await _worker(("127.0.0.1", group.port))
+    worker = await _worker(("127.0.0.1", group.port), group.tls)
     flows: list[Flow] = []
     try:
         flows = await open_flows(worker, port, 24)
@@ -178,12 +206,13 @@ async def test_streams_spread_over_both_processes_and_metrics_show_both(
 
 
 async def test_resume_on_the_other_process_is_handed_over_and_completes(
-    group: Group, servers: Servers
+    any_group: Group, servers: Servers
 ) -> None:
+    group = any_group
     port = await servers.start(answer_after_eof_handler)
     cutter = Cutter(("127.0.0.1", group.port))
     await cutter.start()
-    worker = await _worker(cutter.address)
+    worker = await _worker(cutter.address, group.tls)
     try:
         from python_socks.async_.asyncio import Proxy
 
@@ -217,6 +246,8 @@ async def test_resume_on_the_other_process_is_handed_over_and_completes(
         )
         handed = group.by_worker("relay_handoffs_total", kind="resume", result="sent")
         assert handed[1 - owner] >= 1 and handed[owner] == 0, handed
+        adopted = group.by_worker("relay_handoffs_total", kind="resume", result="adopted")
+        assert adopted[owner] == handed[1 - owner] and adopted[1 - owner] == 0, adopted
         resumes = group.by_worker("relay_resumes_total", result="ok")
         assert resumes[owner] == cuts and resumes[1 - owner] == 0, resumes
         last = os.urandom(1024 * 1024)
@@ -307,7 +338,7 @@ async def test_a_crashed_process_is_restarted(group: Group, servers: Servers) ->
     )
     assert group.value("relay_exit_worker_restarts_total", worker="0") == 1
     assert group.child_pids()[1] == first[1]
-    worker = await _worker(("127.0.0.1", group.port))
+    worker = await _worker(("127.0.0.1", group.port), group.tls)
     flows: list[Flow] = []
     try:
         flows = await open_flows(worker, port, 16)

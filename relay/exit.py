@@ -900,21 +900,21 @@ class ExitConnection(PlainProtocol):
             ours, theirs = socket.socketpair()
             sent = group.send(target, kind, self._sent, data, theirs.fileno())
             theirs.close()
-            if not sent:
+            if sent:
+                relays = self.exit.tls_relays
+                self.exit.connections.discard(self)
+                relay = PlaintextRelay(transport, ours, lambda: relays.discard(relay))
+                relays.add(relay)
+            else:
                 ours.close()
                 transport.abort()
-                return True
-            relays = self.exit.tls_relays
-            self.exit.connections.discard(self)
-            relay = PlaintextRelay(transport, ours, lambda: relays.discard(relay))
-            relays.add(relay)
-            return True
-        sock = transport_socket(transport)
-        if sock is not None:
-            group.send(target, kind, self._sent, data, sock.fileno())
-        # Our descriptor goes; the connection lives on in the owner (or, if the handoff
-        # failed, it closes here and the failure is counted).
-        transport.abort()
+        else:
+            sock = transport_socket(transport)
+            if sock is not None:
+                group.send(target, kind, self._sent, data, sock.fileno())
+            # Our descriptor goes; the connection lives on in the owner (or, if the handoff
+            # failed, it closes here and the failure is counted).
+            transport.abort()
         log.debug(
             "handed off",
             extra={"fields": {"to": target, "kind": ho.KIND_NAMES[kind], "peer": self._peer()}},

@@ -197,6 +197,7 @@ class PlaintextRelay:
         self._eof = False
         self._on_done = on_done
         self._done = False
+        self._pair_end = pair_end
         link.inner = self
         link.pause_reading()  # until the pair's end is connected
         task = asyncio.ensure_future(
@@ -206,11 +207,15 @@ class PlaintextRelay:
 
     def _connected(self, task: asyncio.Future[Any]) -> None:
         if task.cancelled() or task.exception() is not None:
+            self._pair_end.close()
             self.link.abort()
             self.finish()
             return
         pending, self._pending = self._pending, []
         if self.local is None or self.local.is_closing():
+            return
+        if self._done:  # the TLS side went away while the pair was being connected
+            self.local.close()
             return
         self.local.writelines(pending)
         if self._eof:

@@ -218,9 +218,9 @@ class TunnelPump:
         self._recv_unflushed = 0
         self.done: Optional[str] = None
         self._unconfirmed_limit = unconfirmed_limit
+        """Set while the exit has not confirmed the stream: reading stops at this offset."""
         self._out: list[Any] = []
         """Payloads for the plain side, written together once the current callback is over."""
-        """Set while the exit has not confirmed the stream: reading stops at this offset."""
         metrics.streams_active.inc()
 
     # -- wiring ---------------------------------------------------------------------------
@@ -305,6 +305,7 @@ class TunnelPump:
         self._carrier_reading.target = None
 
     def _count_replay(self) -> None:
+        """Bring the daemon's replay tally up to date with this stream's buffer."""
         tally = self._tally
         if tally is not None:
             now = 0 if self.done is not None else self.stream.replay_bytes
@@ -320,9 +321,7 @@ class TunnelPump:
         # next carrier sends them. Either way a full buffer stops reading the source.
         pieces = stream.send(data, self.loop.time())
         self._sent_unflushed += len(data)
-        if self._tally is not None:
-            self._tally.bytes += len(data)
-            self._tallied += len(data)
+        self._count_replay()
         if self.carrier is not None and not self._send(pieces):
             return
         if stream.window <= 0:

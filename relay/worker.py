@@ -675,6 +675,10 @@ class RelayWorker(Daemon):
         except asyncio.TimeoutError:
             pump.abandon(REFUSED, "timed out opening the stream")
             return
+        except Exception as exc:  # the client was answered: a reset, never a second reply
+            log.exception("stream set-up failed")
+            pump.abandon(REFUSED, f"internal error: {exc}")
+            return
         finally:
             self._opening.discard(pump)
         connected = opened.connected

@@ -443,3 +443,23 @@ async def test_optimistic_bytes_sent_to_a_failing_exit_reach_the_next_one_once(c
     finally:
         await worker.stop()
         await dropper.close()
+
+
+async def test_optimistic_internal_failure_resets_the_answered_client(chain: Chain, monkeypatch):
+    """A failure inside the worker after the client was answered is a reset, not a second
+    SOCKS5 reply inside the stream's bytes."""
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(chain.worker, "open_carrier", broken)
+    reader, writer = await chain.open("127.0.0.1", chain.echo_port)
+    writer.write(b"hello?\n")
+    with pytest.raises(ConnectionResetError):
+        data = await asyncio.wait_for(reader.read(), 10)
+        assert data == b"", data  # nothing may arrive before the reset
+    writer.close()
+    assert await _eventually(
+        lambda: metric(chain.worker.metrics, "relay_streams_total", result="refused") == 1
+    )
+    assert not chain.worker.pumps

@@ -31,9 +31,8 @@ def test_vectors(frame, wire):
     assert mux.encode(frame).hex() == wire
     (decoded,) = mux.FrameDecoder().feed(bytes.fromhex(wire))
     if isinstance(frame, mux.Data):
-        assert (decoded.stream, decoded.offset, bytes(decoded.payload)) == frame[:2] + (
-            frame.payload,
-        )
+        got = (decoded.stream, decoded.offset, bytes(decoded.payload))
+        assert got == (frame.stream, frame.offset, frame.payload)
     else:
         assert decoded == frame
 

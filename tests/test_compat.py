@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import pytest
 
-import relay  # noqa: F401 - importing the package applies relay.compat
+import relay.daemon  # noqa: F401 - importing the daemons applies relay.compat
 from relay.compat import fix_writelines_flow_control
 
 

@@ -1,11 +1,13 @@
 # hpc-relay: `make demo` and `make test` are the whole quick start.
+# .venv (PYTHON, default python3) serves the demo, lint, docs, fuzz and bench; the suite runs
+# in one venv per interpreter, .venv-X.Y (scripts/test-pythons).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint unit debs clean
+.PHONY: venv demo test test-one lint dist-check unit debs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,9 +30,20 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/vermin --target=3.9- --no-tips --violations --eval-annotations relay glidein_wrapper
 
-## lint, then every test (needs root for namespaces and the Debian packages)
-test: venv debs lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+## python -m build without warnings; the wheel installed (binary wheels only) into a fresh
+## venv of the oldest Python, every console script run from there; again as nobody if root
+dist-check: venv
+	./scripts/check-dist $(BIN)/python
+
+## lint, the package check, then every test on the oldest and on the newest Python found
+## (pyenv, python3.X on PATH: scripts/pythons; needs root for namespaces and Debian packages)
+test: venv debs lint dist-check
+	./scripts/test-pythons -- $(PYTEST_ARGS)
+
+## every test on one interpreter: make test-one PY=3.9 (or a path, or python3.12)
+PY ?= $(PYTHON)
+test-one: debs
+	./scripts/test-pythons --python $(PY) -- $(PYTEST_ARGS)
 
 ## regenerate docs/CONFIG.md from the option schema (a test fails when it is stale)
 .PHONY: docs
@@ -67,4 +80,4 @@ bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench --quick $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-3.* .test-results .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -17,6 +17,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Callable, Optional
 
+from relay.loopbound import LoopBound
+
 log = logging.getLogger("glidein_wrapper")
 
 FORWARDED = (
@@ -51,9 +53,10 @@ class Signals:
     runs they go to its process group; after it has exited, one means "stop draining now".
     """
 
+    arrived = LoopBound(asyncio.Event)
+
     def __init__(self) -> None:
         self.received: list[int] = []
-        self.arrived = asyncio.Event()
         self._pgid: Optional[int] = None
         self._forwarded = 0
         self._loop: Optional[asyncio.AbstractEventLoop] = None

@@ -124,20 +124,25 @@ def exit_main(argv: Optional[Sequence[str]] = None) -> int:
         return supervise(args, load_exit_config(args))
     if place is not None:
         settings.share(place.workers)
-    daemon = RelayExit(settings, place=place)
 
-    def reload() -> None:
-        """SIGHUP: re-read keys, policy and TLS certificate; a bad file keeps the old ones."""
-        notify("RELOADING=1")
-        try:
-            fresh = ExitSettings.from_config(load_exit_config(args))
-        except ConfigError as exc:
-            log.error("reload refused, old configuration stays: %s", exc)
-        else:
-            daemon.reload(fresh.keys, fresh.policy, fresh.tls, fresh.tls_fingerprint)
-        notify("READY=1")
+    async def serve() -> int:
+        # Built inside the running loop, which is what its asyncio objects bind to.
+        daemon = RelayExit(settings, place=place)
 
-    return _run(_serve(daemon, reload, daemon.group))
+        def reload() -> None:
+            """SIGHUP: re-read keys, policy and TLS certificate; a bad file keeps the old ones."""
+            notify("RELOADING=1")
+            try:
+                fresh = ExitSettings.from_config(load_exit_config(args))
+            except ConfigError as exc:
+                log.error("reload refused, old configuration stays: %s", exc)
+            else:
+                daemon.reload(fresh.keys, fresh.policy, fresh.tls, fresh.tls_fingerprint)
+            notify("READY=1")
+
+        return await _serve(daemon, reload, daemon.group)
+
+    return _run(serve())
 
 
 def _group_place() -> Optional[GroupPlace]:
@@ -155,7 +160,12 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
     settings = _settings("relay-worker", load_worker_config, WorkerSettings.from_config, args)
     if settings is None:
         return EXIT_USAGE
-    return _run(_serve(RelayWorker(settings), None))
+
+    async def serve() -> int:
+        # Built inside the running loop, which is what its asyncio objects bind to.
+        return await _serve(RelayWorker(settings), None)
+
+    return _run(serve())
 
 
 USAGE = """usage: relay COMMAND [ARGS...]

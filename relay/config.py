@@ -915,16 +915,22 @@ def _convert_str(opt: Option, raw: str, src: _Source) -> object:
 
 
 def _convert(opt: Option, raw: object, src: _Source) -> object:
-    """Convert a whole value; repeatable options become tuples (configs are immutable)."""
+    """Convert a whole value; repeatable options become tuples (configs are immutable).
+
+    A repeatable key given one string (``exit = "exit.example.org:80"``) means that one
+    entry, as the flag given once does."""
     if raw is None:
         return None
     if not opt.repeatable:
         return _convert_one(opt, raw, src)
     if isinstance(raw, tuple):  # a schema default
         raw = list(raw)
+    if isinstance(raw, str):
+        raw = [raw]
     if not isinstance(raw, list):
         raise _err(
-            f"{src.label}: expected an array (one entry per {opt.flag}), got {_toml_type(raw)}"
+            f"{src.label}: expected an array (one entry per {opt.flag}) or one string, "
+            f"got {_toml_type(raw)}"
         )
     return tuple(_convert_one(opt, item, src) for item in raw)
 
@@ -977,8 +983,8 @@ def build_parser(prog: str, options: Sequence[Option]) -> argparse.ArgumentParse
         allow_abbrev=False,
         argument_default=argparse.SUPPRESS,
         epilog="Every option but --config can also be set in the --config TOML file, with the"
-        " flag name as key ('_' for '-'); repeatable options are arrays there. Flags"
-        " override the file.",
+        " flag name as key ('_' for '-'); repeatable options are arrays there (or one"
+        " string for one entry). Flags override the file.",
     )
     for opt in options:
         if opt.kind == "bool":

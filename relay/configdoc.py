@@ -35,11 +35,12 @@ _HEADER = """\
 
 Every option of `relay-exit` and `relay-worker` is both a command-line flag `--NAME` and a
 key of the TOML file given with `--config` (table `[exit]` or `[worker]`; the key is the
-flag name with `_` for `-`). Precedence: built-in default < file < flag; a repeatable flag
-on the command line replaces the file's array. Relative file names in the TOML file are
-relative to that file's directory. An unknown key, a bad value or a secret file that group
-or others can read stops the daemon with exit code 2 and one line naming the key and the
-file.
+flag name with `_` for `-`). A repeatable option is an array in the file, or one string for
+one entry (`exit = "exit.example.org:80"`). Precedence: built-in default < file < flag; a
+repeatable flag on the command line replaces the file's array. Relative file names in the
+TOML file are relative to that file's directory. An unknown key, a bad value or a secret
+file that group or others can read stops the daemon with exit code 2 and one line naming
+the key and the file.
 
 Value types: *HOST:PORT* (IPv6 in brackets, `[2001:db8::1]:443`); *size* is bytes or a
 number with `KiB`, `MiB`, `GiB`; a *switch* is a flag without value (`true`/`false` in

@@ -9,10 +9,13 @@ import contextlib
 import logging
 from typing import Any, Callable, Optional, Union
 
+from relay.compat import fix_writelines_flow_control
 from relay.metrics import Metrics, serve_metrics, serve_metrics_unix
 from relay.pump import RawPump, TunnelPump
 
 log = logging.getLogger("relay")
+
+fix_writelines_flow_control()  # before any daemon writes: the pumps rely on back-pressure
 
 Pump = Union[TunnelPump, RawPump]
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import asyncssh
 
 from relay.addresses import format_hostport
+from relay.loopbound import LoopBound
 from relay.metrics import Metrics
 from relay.sockopts import quickack
 
@@ -176,6 +177,9 @@ class ConnectBudget:
 
 
 class SshHop:
+    _lock = LoopBound(asyncio.Lock)
+    """One connection attempt at a time (made in the running loop: see relay.loopbound)."""
+
     def __init__(
         self,
         logins: Sequence[Login],
@@ -202,7 +206,6 @@ class SshHop:
         self._preferred = 0
         self._conn: Optional[asyncssh.SSHClientConnection] = None
         self.current: Optional[Login] = None
-        self._lock = asyncio.Lock()
         self._last_failure = -1e9
         self._last_error: Optional[SshUnavailable] = None
         self._closed = False

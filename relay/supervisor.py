@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay import __version__
 from relay.exitgroup import GROUP_ENV, READY, GroupPlace
+from relay.loopbound import LoopBound
 from relay.metrics import serve_metrics
 from relay.systemd import notify
 
@@ -49,11 +50,12 @@ HANDOFF_BUFFER = 4 << 20
 
 
 class _Child:
+    ready = LoopBound(asyncio.Event)
+
     def __init__(self, index: int) -> None:
         self.index = index
         self.proc: Optional[asyncio.subprocess.Process] = None
         self.control: Optional[socket.socket] = None  # the supervisor's end
-        self.ready = asyncio.Event()
         self.restarts: list[float] = []
 
 
@@ -83,6 +85,8 @@ def merge_expositions(texts: dict[int, str]) -> list[Metric]:
 
 
 class Supervisor:
+    _wake = LoopBound(asyncio.Event)
+
     def __init__(
         self,
         args: Sequence[str],
@@ -102,7 +106,6 @@ class Supervisor:
         self.stopping = False
         self.failed = False
         self._reserved: Optional[socket.socket] = None
-        self._wake = asyncio.Event()
         self.registry = CollectorRegistry()
         self.restarts_total = Counter(
             "relay_exit_worker_restarts",
@@ -395,8 +398,12 @@ def supervise(args: Sequence[str], cfg: Any) -> int:
     """Run the group (called by relay-exit when ``workers`` is above 1)."""
     log.info("relay-exit %s supervising %d workers", __version__, cfg.workers)
     metrics = (cfg.metrics.host, cfg.metrics.port) if cfg.metrics else None
-    supervisor = Supervisor(args, cfg.workers, cfg.listen.host, cfg.listen.port, metrics)
+
+    async def run() -> int:
+        # Built inside the running loop, which is what its asyncio objects bind to.
+        return await Supervisor(args, cfg.workers, cfg.listen.host, cfg.listen.port, metrics).run()
+
     try:
-        return asyncio.run(supervisor.run())
+        return asyncio.run(run())
     except KeyboardInterrupt:
         return 0

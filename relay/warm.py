@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from relay.addresses import format_hostport
 from relay.carrier import SshCarrier, TcpCarrier, TunnelRefused
+from relay.loopbound import LoopBound
 from relay.proto import hello as hl
 from relay.proto import socks5 as s5
 from relay.proto.opener import KeptWarm, OpenerEvent, TunnelOpener
@@ -102,13 +103,14 @@ class WarmCarrier:
 class WarmPool:
     """Up to ``size`` warm carriers to one exit."""
 
+    _wake = LoopBound(asyncio.Event)
+
     def __init__(self, worker: RelayWorker, exit_addr: tuple[str, int], size: int) -> None:
         self.worker = worker
         self.exit = exit_addr
         self.size = size
         self.metrics = worker.metrics
         self.entries: list[WarmCarrier] = []
-        self._wake = asyncio.Event()
         self._task: Optional[asyncio.Future[None]] = None
         self._closed = False
         self._delay = 0.0

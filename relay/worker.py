@@ -25,6 +25,7 @@ from relay.carrier import (
 )
 from relay.daemon import Daemon
 from relay.listeners import Listeners, Socks5Connection
+from relay.loopbound import LoopBound
 from relay.metrics import Metrics
 from relay.proto import ProtocolError
 from relay.proto import hello as hl
@@ -164,6 +165,7 @@ class OpenFailed(Exception):
 
 class RelayWorker(Daemon):
     role = "worker"
+    _resume_slots = LoopBound(lambda: asyncio.Semaphore(RESUME_CONCURRENCY))
 
     def __init__(self, settings: WorkerSettings, metrics: Optional[Metrics] = None) -> None:
         super().__init__(metrics)
@@ -184,7 +186,6 @@ class RelayWorker(Daemon):
         self.sessions: dict[TunnelPump, Session] = {}
         self._opening: set[TunnelPump] = set()
         """Optimistic streams whose CONNECT the exit has not answered yet."""
-        self._resume_slots = asyncio.Semaphore(RESUME_CONCURRENCY)
         self._stopping = False
         self._forward: Optional[tuple[Any, Any]] = None
         self.listeners = Listeners(self)

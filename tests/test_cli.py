@@ -108,3 +108,38 @@ def test_exit_starts_and_stops_cleanly_on_sigterm(tmp_path: Path, keys: Path) ->
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_worker_with_login_nodes_starts_and_stops_cleanly(tmp_path: Path, loop: str) -> None:
+    """The SSH hop exists before the loop runs: it must not need one (Python 3.9, uvloop)."""
+    import asyncssh
+
+    key = tmp_path / "id_ed25519"
+    asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(key))
+    key.chmod(0o600)
+    (tmp_path / "known_hosts").write_text("")
+    secret = private(tmp_path / "worker.secret", "0123456789abcdef0123456789abcdef\n")
+    closed = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "relay-worker"), "--socks", f"127.0.0.1:{free_port()}", "--no-socks-auth",
+         "--login", f"relay@127.0.0.1:{closed}", "--ssh-key", str(key),
+         "--known-hosts", str(tmp_path / "known_hosts"), "--exit", f"127.0.0.1:{closed}",
+         "--key-id", "worker-1", "--secret-file", str(secret), "--log-format", "json",
+         *(["--no-uvloop"] if loop == "asyncio" else [])],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        seen = [proc.stderr.readline()]
+        while '"listening"' not in seen[-1] and seen[-1]:
+            seen.append(proc.stderr.readline())
+        assert '"listening"' in seen[-1], "".join(seen)
+        if loop == "uvloop":
+            assert "starting (uvloop)" in seen[0]
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

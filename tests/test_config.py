@@ -265,6 +265,49 @@ whatever = 1
     assert cfg.no_socks_auth and cfg.socks_auth is None
 
 
+def test_repeatable_key_given_one_string_is_one_entry(
+    tmp_path: Path, keys: Path, wfiles: dict[str, Path]
+) -> None:
+    """``exit = "exit.example.org:80"`` means what ``--exit exit.example.org:80`` means."""
+    conf = write(
+        tmp_path / "worker.toml",
+        f"""
+[worker]
+socks = "127.0.0.1:0"
+socks_auth = "{wfiles["auth"]}"
+login = "jrlogin01"
+ssh_key = "{wfiles["ssh_key"]}"
+known_hosts = "{wfiles["known"]}"
+exit = "exit.example.org:80"
+key_id = "jureca-1"
+secret_file = "{wfiles["secret"]}"
+forward = "127.0.0.1:9618=collector.example.org:9618"
+exit_fingerprint = "SHA256:{"A" * 43}"
+""",
+    )
+    cfg = load_worker_config(["--config", str(conf)])
+    assert cfg.login == (LoginTarget(None, "jrlogin01", 22),)
+    assert cfg.exit == (HostPort("exit.example.org", 80),)
+    assert len(cfg.forward) == 1 and len(cfg.exit_fingerprint) == 1
+    # the same as the flags given once
+    flags = load_worker_config(
+        ["--config", str(conf), "--login", "jrlogin01", "--exit", "exit.example.org:80"]
+    )
+    assert (flags.login, flags.exit) == (cfg.login, cfg.exit)
+
+    exit_conf = write(
+        tmp_path / "exit.toml", f'[exit]\nkeys = "{keys}"\nallow = ".example.org:443"\n'
+    )
+    assert [r.text for r in load_exit_config(["--config", str(exit_conf)]).allow] == [
+        ".example.org:443"
+    ]
+    # still checked as an entry: the error names the key and the file
+    bad = write(tmp_path / "bad.toml", f'[exit]\nkeys = "{keys}"\nallow = "10.0.0.0/33"\n')
+    assert f"allow in {bad}: bad rule '10.0.0.0/33'" in raises(
+        load_exit_config, ["--config", str(bad)]
+    )
+
+
 def test_worker_upstream_without_login(wfiles: dict[str, Path]) -> None:
     cfg = load_worker_config(
         [
@@ -440,7 +483,11 @@ def test_parse_login_rejects(text: str) -> None:
         ("[exit]\nconfig = 'x'\n", "config in {conf}: --config can only be given"),
         ("[exit]\nheartbeat = 'x'\n", "heartbeat in {conf}: expected a number, got string"),
         ("[exit]\nallow_plain = 1\n", "allow_plain in {conf}: expected true or false"),
-        ("[exit]\nallow = '10.0.0.0/8'\n", "allow in {conf}: expected an array"),
+        (
+            "[exit]\nallow = 8\n",
+            "allow in {conf}: expected an array (one entry per --allow) or one string, got integer",
+        ),
+        ("[exit]\nallow = '10.0.0.0/33'\n", "allow in {conf}: bad rule '10.0.0.0/33': "),
         ("[exit]\nallow = [1]\n", "allow in {conf}: expected a string (rule), got integer"),
         ("[exit]\nlisten = 80\n", "listen in {conf}: expected a string HOST:PORT, got integer"),
         ("[exit]\nlisten = 'nohost'\n", "listen in {conf}: bad address 'nohost'"),

@@ -9,13 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
+import subprocess
+import sys
 from io import StringIO
 from pathlib import Path
 
 import asyncssh
 import pytest
 
-from relay.demo import PLAIN, RELAY, EchoServer, LoginNode, Middlebox, main, run_demo
+from relay.demo import (
+    PLAIN,
+    RELAY,
+    EchoServer,
+    LoginNode,
+    Middlebox,
+    _heartbeat_lines,
+    main,
+    run_demo,
+)
 
 
 def _open_fds() -> int:
@@ -205,3 +217,39 @@ def test_main_rejects_bad_values(capsys: pytest.CaptureFixture[str]) -> None:
             main(argv)
         assert exc.value.code == 2
     assert "must be" in capsys.readouterr().err
+
+
+def _typical_descriptor_limit() -> None:
+    """A login shell's usual soft limit (this machine's may be higher)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+
+
+def test_relay_demo_command_prints_no_warning_and_explains_the_heartbeats() -> None:
+    """What a user sees from `relay demo`: nothing on stderr they would have to act on, and
+    a heartbeat summary that says who pinged whom."""
+    proc = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "relay"), "demo",
+         "--idle", "3", "--blackhole-after", "1.5", "--heartbeat", "0.5"],
+        capture_output=True, text=True, timeout=60, check=False,
+        preexec_fn=_typical_descriptor_limit,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr == ""
+    lines = proc.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("heartbeats: "))
+    assert "the worker pinged after each 0.5 s without traffic and the exit answered" in lines[at]
+    assert "answered none" not in lines[at] and "mean round trip" in lines[at]
+    assert "RTT 0.0 ms" not in proc.stdout
+    assert lines[at + 1].strip() == (
+        "the exit pings only when the worker's PINGs stop coming: it sent none"
+    )
+
+
+def test_heartbeat_lines_when_the_exit_pinged_and_when_nothing_was_answered() -> None:
+    first, second = _heartbeat_lines(0, 0.0, 3, 2.25, 1.0)
+    assert first.endswith("the exit answered none;")
+    assert second.strip() == (
+        "the exit pinged too when the worker's PINGs stopped coming, answered 3 times "
+        "(mean round trip 2.2 ms)"
+    )

@@ -341,7 +341,7 @@ class ExitFuzz(RuleBasedStateMachine):
                     return True
                 conn.received += data
                 self._learn(conn)
-        except (TimeoutError, BlockingIOError):
+        except (socket.timeout, BlockingIOError):  # socket.timeout: not TimeoutError before 3.10
             return False
         except ConnectionResetError:
             conn.closed_by_exit = True

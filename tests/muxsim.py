@@ -227,3 +227,5 @@ class Sim:
             for stream in session.streams.values():
                 limit = session.window
                 assert 0 <= stream.sent - stream.acked <= limit, "credit below zero"
+            held = sum(st.pending_len + st.sent - st.acked for st in session.streams.values())
+            assert session.buffered == held, "buffer tally"

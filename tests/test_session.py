@@ -3,6 +3,8 @@ application writes, half-closes, resets, partial deliveries, carrier deaths and 
 
 from __future__ import annotations
 
+import os
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -10,7 +12,8 @@ from relay.proto import mux
 from relay.proto import session as ms
 from tests.muxsim import ADDRESS, Sim, payload
 
-pytestmark = []
+EXAMPLES = int(os.environ.get("MUX_EXAMPLES", "300"))
+"""Raise for a longer search (e.g. MUX_EXAMPLES=5000)."""
 
 side = st.sampled_from(["w", "e"])
 op = st.one_of(
@@ -26,7 +29,9 @@ op = st.one_of(
 
 
 def run(ops: list[tuple], seed: int, refuse_every: int = 0) -> Sim:
-    refuse = (lambda sid: 2 if refuse_every and sid % refuse_every == 0 else 0) if True else None
+    def refuse(sid: int) -> int:
+        return 2 if refuse_every and sid % refuse_every == 0 else 0
+
     sim = Sim(window=128 * 1024, seed=seed, refuse=refuse)
     sim.add_carrier()
     for item in ops:
@@ -93,7 +98,7 @@ def check_outcome(sim: Sim) -> None:
                 assert eapp.reset is not None or eapp.finished
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(op, max_size=60), st.integers(0, 2**32))
 def test_any_interleaving_delivers_each_byte_once_in_order(ops, seed):
     sim = run(ops, seed)
@@ -101,7 +106,7 @@ def test_any_interleaving_delivers_each_byte_once_in_order(ops, seed):
     check_outcome(sim)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES // 3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(op, max_size=40), st.integers(0, 2**32))
 def test_refused_streams_end_at_both_sides(ops, seed):
     sim = run([("open",), ("open",), ("open",), *ops], seed, refuse_every=2)

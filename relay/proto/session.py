@@ -220,6 +220,8 @@ class Session:
         self.draining = False
         self.on_output: Optional[Callable[[int], None]] = None
         """Called with a carrier id when that carrier has something new to send."""
+        self.buffered = 0
+        """Bytes held for all streams: queued from the applications plus unacknowledged."""
         self.frames_in = 0
         self.frames_out = 0
         self.credit_stalls = 0
@@ -233,7 +235,7 @@ class Session:
         if cid in self.carriers:
             raise ValueError(f"carrier {cid} already in the session")
         self.carriers[cid] = _Carrier(cid, sealer, unsealer, now)
-        if self.role == WORKER and self._unbound:
+        if self._unbound:
             waiting, self._unbound = self._unbound, []
             for stream in waiting:
                 if stream.id in self.streams:
@@ -251,13 +253,16 @@ class Session:
         for stream in moved:
             stream.carrier = None
             stream.in_ring = False
-        if self.role == WORKER:
-            for stream in moved:
-                target = self._pick()
-                if target is None:
-                    self._unbound.append(stream)
-                else:
-                    self._bind(stream, target)
+        for stream in moved:
+            # The worker moves every stream; the exit only its resets and its unacknowledged
+            # FINs, which the worker may not have seen (it moves the rest itself, with SYNC or
+            # OPEN).
+            if (
+                self.role == WORKER
+                or stream.state == _GONE
+                or (stream.fin_sent and not stream.fin_acked)
+            ):
+                self._bind(stream, self._pick())
         del now
         return [s.id for s in moved]
 
@@ -283,6 +288,11 @@ class Session:
         control = carrier.control
         if stream.state == _GONE:
             control.append(stream.gone_frame)
+        elif self.role == EXIT:
+            if stream.fin_sent and not stream.fin_acked:
+                # The worker may have finished and forgotten the stream, our FIN's ACK lost
+                # with the carrier: ask again (a worker that still has it moves it anyway).
+                control.append(mux.encode_fin(stream.id, stream.sent))
         elif self.role == WORKER:
             if stream.state == _OPENING:
                 control.append(mux.encode_open(stream.id, stream.address))
@@ -337,7 +347,7 @@ class Session:
             self._control(stream, frame)
             self._maybe_ack(stream)
         else:
-            self._gone(stream, frame + mux.encode_reset(sid, mux.RST_REFUSED, ""))
+            self._gone(stream, frame)  # kept until the worker's RST answers it
 
     def send(self, sid: int, data: Chunk) -> bool:
         """Queue application bytes; returns True when the application side should pause
@@ -348,6 +358,7 @@ class Session:
         if data:
             stream.pending.append(data)
             stream.pending_len += len(data)
+            self.buffered += len(data)
             carrier = self.carriers.get(stream.carrier) if stream.carrier is not None else None
             if carrier is not None and not stream.in_ring and self._credit(stream) > 0:
                 stream.in_ring = True
@@ -388,13 +399,18 @@ class Session:
         if not held:
             self._maybe_ack(stream)
 
+    def _drop_buffers(self, stream: _Stream) -> None:
+        self.buffered -= stream.pending_len + stream.sent - stream.acked
+        stream.pending.clear()
+        stream.pending_len = 0
+        stream.replay.clear()
+        stream.acked = stream.sent
+
     def _gone(self, stream: _Stream, frame: bytes) -> None:
         stream.state = _GONE
         stream.gone_frame = frame
         stream.gone_at = self._now
-        stream.pending.clear()
-        stream.pending_len = 0
-        stream.replay.clear()
+        self._drop_buffers(stream)
         self._ack_due.discard(stream)
         self._control(stream, frame)
 
@@ -405,8 +421,7 @@ class Session:
         if carrier is not None:
             carrier.streams -= 1
         stream.carrier = None
-        stream.pending.clear()
-        stream.replay.clear()
+        self._drop_buffers(stream)
 
     def _limit(self, stream: _Stream) -> int:
         return UNCONFIRMED_WINDOW if stream.state == _OPENING else self.window
@@ -616,6 +631,7 @@ class Session:
                 else:
                     replay[0] = memoryview(head)[drop:]
                     drop = 0
+            self.buffered -= offset - stream.acked
             stream.acked = offset
             carrier = self.carriers.get(stream.carrier) if stream.carrier is not None else None
             if carrier is not None:
@@ -639,7 +655,15 @@ class Session:
         kind = type(frame)
         if kind is mux.Fin:
             stream = self.streams.get(frame.stream)  # type: ignore[union-attr]
-            if stream is None or stream.state == _GONE:
+            if stream is None:
+                # A FIN sent again for a stream we finished and forgot: say so, so that the
+                # peer may forget it too (see _on_reset).
+                carrier.control.append(
+                    mux.encode_reset(frame.stream, mux.RST_UNKNOWN_STREAM, "stream not known")  # type: ignore[union-attr]
+                )
+                self._wake(carrier.id)
+                return
+            if stream.state == _GONE:
                 return
             offset = frame.offset  # type: ignore[union-attr]
             if offset < stream.recv or (stream.fin_at is not None and stream.fin_at != offset):
@@ -650,11 +674,11 @@ class Session:
                 if stream.recv == offset:
                     self._fin_arrived(stream, events)
         elif kind is mux.Reset:
-            self._on_reset(frame, events)  # type: ignore[arg-type]
+            self._on_reset(carrier, frame, events)  # type: ignore[arg-type]
         elif kind is mux.Open:
             self._on_open(carrier, frame, events)  # type: ignore[arg-type]
         elif kind is mux.Reply:
-            self._on_reply(frame, events)  # type: ignore[arg-type]
+            self._on_reply(carrier, frame, events)  # type: ignore[arg-type]
         elif kind is mux.Sync:
             self._on_sync(carrier, frame, events)  # type: ignore[arg-type]
         elif kind is mux.GoAway and self.role == WORKER and not self.draining:
@@ -662,37 +686,36 @@ class Session:
             events.append(Draining(frame.reason))  # type: ignore[union-attr]
         del now
 
-    def _on_reset(self, frame: mux.Reset, events: list[Event]) -> None:
+    def _on_reset(self, carrier: _Carrier, frame: mux.Reset, events: list[Event]) -> None:
         stream = self.streams.get(frame.stream)
         if stream is not None and stream.state == _GONE:
-            self._forget(stream)  # the peer's RST answers ours (or crossed it)
+            # The peer's RST answers ours, or crossed it (then ours may have been lost with
+            # a carrier: answer, so that the peer need not keep its own).
+            self._forget(stream)
+            if frame.code != mux.RST_ANSWER:
+                self._answer_reset(frame.stream, carrier.id)
             return
         if stream is None:
             # The peer reset a stream we never knew or already forgot; answer so that it
             # can forget it too (answers are never answered).
             if frame.code != mux.RST_ANSWER:
-                self._answer_reset(frame.stream)
+                self._answer_reset(frame.stream, carrier.id)
             return
-        if (
-            frame.code == mux.RST_UNKNOWN_STREAM
-            and stream.fin_sent
-            and stream.fin_received
-            and self.role == WORKER
-        ):
-            # The exit forgot a stream whose FINs crossed: it had everything.
+        if frame.code == mux.RST_UNKNOWN_STREAM and stream.fin_sent and stream.fin_received:
+            # The peer forgot a stream whose FINs were both sent: it forgets one only after
+            # our FIN, so after all our bytes, arrived. Only our last ACK of its FIN or its
+            # ACK of ours was lost with a carrier.
             self._forget(stream)
             events.append(Finished(stream.id))
             return
-        carrier_id = stream.carrier
         self._forget(stream)
         if frame.code != mux.RST_ANSWER:
-            self._answer_reset(frame.stream, carrier_id)
+            self._answer_reset(frame.stream, carrier.id)
         events.append(Reset(frame.stream, frame.code, frame.reason))
 
-    def _answer_reset(self, sid: int, cid: Optional[int] = None) -> None:
-        carrier = self.carriers.get(cid) if cid is not None else None
-        if carrier is None:
-            carrier = next(iter(self.carriers.values()), None)
+    def _answer_reset(self, sid: int, cid: int) -> None:
+        """Answer on the carrier the peer's frame came on: it is alive."""
+        carrier = self.carriers.get(cid)
         if carrier is not None:
             carrier.control.append(mux.encode_reset(sid, mux.RST_ANSWER, ""))
             self._wake(carrier.id)
@@ -771,27 +794,28 @@ class Session:
         events.append(Resumed(stream.id, carrier.id))
         self._wake(carrier.id)
 
-    def _on_reply(self, frame: mux.Reply, events: list[Event]) -> None:
+    def _on_reply(self, carrier: _Carrier, frame: mux.Reply, events: list[Event]) -> None:
         if self.role != WORKER:
             raise ProtocolError("REPLY sent to the exit")
         stream = self.streams.get(frame.stream)
         if stream is None:
-            if frame.code == 0:  # a stream we gave up: let the exit close it
-                self._answer_reset(frame.stream)
+            # A stream we gave up (or a refusal already answered): let the exit forget it.
+            self._answer_reset(frame.stream, carrier.id)
             return
         if stream.state != _OPENING:
             return  # gone, or the same answer again after a move
         if frame.code != 0:
             self._forget(stream)
+            self._answer_reset(frame.stream, carrier.id)
             events.append(Answered(frame.stream, frame.code, frame.address))
             return
         stream.state = _OPEN
         events.append(Answered(frame.stream, 0, frame.address))
-        carrier = self.carriers.get(stream.carrier) if stream.carrier is not None else None
-        if carrier is not None:
-            self._ready(stream, carrier)
+        bound = self.carriers.get(stream.carrier) if stream.carrier is not None else None
+        if bound is not None:
+            self._ready(stream, bound)
             if stream.in_ring:
-                self._wake(carrier.id)
+                self._wake(bound.id)
         if stream.paused and stream.pending_len + stream.sent - stream.acked < self.window:
             stream.paused = False
             events.append(Writable(stream.id))

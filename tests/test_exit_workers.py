@@ -100,7 +100,7 @@ def _ours(pid: int, config: Path) -> bool:
         return False
 
 
-async def _wait_for(predicate: Any, what: str, timeout: float = 20.0) -> None:
+async def _wait_for(predicate: Any, what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"

@@ -1,10 +1,10 @@
 """The readiness gate: is the chain up, hop by hop, before COMMAND starts?
 
 In-process (the worker runs in the wrapper): SSH to a login node, then for every ``--probe``
-a tunnel carrier opened exactly as the worker opens one for a stream (HELLO with the exit and
-a CONNECT to the probe), closed again at once with a reset. Without probes, a HELLO alone with
-every configured exit. Attached to a running worker: a SOCKS5 handshake with its listener and
-a CONNECT through it to every probe.
+a stream on the worker's own session with an exit (an OPEN on one of its carriers), reset
+again as soon as the exit answered. Without probes, the worker's session with every configured
+exit must have a carrier up (its HELLO accepted). Attached to a running worker: a SOCKS5
+handshake with its listener and a CONNECT through it to every probe.
 
 A failed attempt raises :class:`NotReady` naming the hop: ``ssh`` (login node), ``exit``
 (the login node cannot reach the exit, or the exit refuses our HELLO), ``probe`` (the exit
@@ -16,23 +16,20 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import logging
 import os
 import time
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
-import asyncssh
-
 from relay.addresses import format_hostport
+from relay.carrier import TunnelRefused, carrier_opener
 from relay.config import HostPort
-from relay.proto import ProtocolError
-from relay.proto import frames as fr
+from relay.proto import ProtocolError, mux
 from relay.proto import hello as hl
 from relay.proto import socks5 as s5
+from relay.pump import SHUTDOWN, StreamInfo
 from relay.sshhop import SshUnavailable
-from relay.tlslink import connect_tls
 from relay.worker import OpenFailed, RelayWorker
 
 log = logging.getLogger("glidein_wrapper")
@@ -49,6 +46,10 @@ REFUSALS = frozenset(
         s5.ADDRESS_TYPE_NOT_SUPPORTED,
     )
 )
+
+
+SESSION_POLL = 0.05
+"""Seconds between looks at the worker's sessions while the gate waits for one."""
 
 
 class NotReady(Exception):
@@ -109,7 +110,7 @@ async def wait_ready(
 
 
 class InProcessCheck(Check):
-    """Readiness of the worker running in this process, through its own SSH hop and carriers."""
+    """Readiness of the worker running in this process, through its own SSH hop and sessions."""
 
     def __init__(self, worker: RelayWorker, probes: Sequence[HostPort]) -> None:
         self.worker = worker
@@ -131,9 +132,8 @@ class InProcessCheck(Check):
             for probe in self.probes:
                 await self._probe(probe)
         else:
-            for exit_host, exit_port in worker.settings.exits:
-                self.hop = "exit"
-                await hello_check(worker, exit_host, exit_port)
+            for exit_addr in worker.settings.exits:
+                await self._session([exit_addr])
 
     def silence(self, timeout: float) -> str:
         if self.hop == "exit" and self._current is not None:
@@ -141,23 +141,73 @@ class InProcessCheck(Check):
                 f"no answer through the exit for {self._current} within the {timeout:g} s ready"
                 " timeout (the exit, or the probe behind it, does not answer)"
             )
+        if self.hop == "exit":
+            return (
+                f"no carrier to the exit within the {timeout:g} s ready timeout (the login node"
+                " or the exit does not answer)"
+            )
         return super().silence(timeout)
 
-    async def _probe(self, probe: HostPort) -> None:
+    def _down(self, why: str) -> NotReady:
+        """The session is not up: the SSH hop if the login node was lost, else the exit."""
         worker = self.worker
+        lost_ssh = worker.ssh is not None and not worker.ssh.connected
+        return NotReady("ssh" if lost_ssh else "exit", why)
+
+    async def _session(self, exits: Sequence[tuple[str, int]]) -> None:
+        """Wait until the worker's session with one of ``exits`` has a carrier up (the HELLO
+        accepted); fail as soon as every one of them has failed an attempt."""
         self.hop = "exit"
+        self._current = None
+        clients = [self.worker.exits[e] for e in exits if e in self.worker.exits]
+        if not clients:
+            raise NotReady("exit", "no exit configured")
+        while not any(client.usable for client in clients):
+            if all(client.why for client in clients):
+                reasons = []
+                for client in clients:
+                    where = format_hostport(*client.exit)
+                    reasons.append(client.why if where in client.why else f"{where}: {client.why}")
+                raise self._down("; ".join(reasons))
+            await asyncio.sleep(SESSION_POLL)
+
+    async def _probe(self, probe: HostPort) -> None:
+        """A stream to ``probe`` on the worker's session, reset again once the exit answered."""
+        worker = self.worker
+        await self._session(worker.settings.exits)
         self._current = probe
         try:
-            carrier, opened, _ = await worker.open_carrier(probe.host, probe.port)
+            address = s5.encode_address(probe.host, probe.port)
+        except ValueError as exc:
+            raise NotReady("probe", f"{probe}: {exc}") from None
+        try:
+            client = await worker.pick_exit()
         except OpenFailed as exc:
-            lost_ssh = worker.ssh is not None and not worker.ssh.connected
-            raise NotReady("ssh" if lost_ssh else "exit", str(exc)) from None
-        self.hop = "probe"
-        code = opened.connected.code if opened.connected is not None else s5.GENERAL_FAILURE
-        _reset_carrier(carrier)
+            raise self._down(str(exc)) from None
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def answered(code: int, bound: bytes) -> None:
+            if not answer.done():
+                answer.set_result(code)
+
+        info = StreamInfo(os.urandom(4).hex(), str(probe), worker.settings.key_id)
+        pump = client.open(address, info, answered)
+        try:
+            while not answer.done():
+                if pump.done is not None:
+                    raise NotReady("exit", f"{probe}: the stream ended before the exit answered")
+                await asyncio.wait((answer,), timeout=SESSION_POLL)
+        finally:
+            if pump.done is None:
+                refused = answer.done() and answer.result() != s5.SUCCEEDED
+                if refused:
+                    pump.discard()  # the session already forgot it, and told the exit
+                else:  # open, or not answered yet: the exit resets it and forgets it
+                    pump.abandon(SHUTDOWN, "readiness probe", mux.RST_SHUTDOWN)
+        code = answer.result()
         if code != s5.SUCCEEDED:
-            answer = s5.REPLY_NAMES.get(code, f"reply {code}")
-            raise NotReady("probe", f"{probe}: the exit answered: {answer}")
+            answer_name = s5.REPLY_NAMES.get(code, f"reply {code}")
+            raise NotReady("probe", f"{probe}: the exit answered: {answer_name}")
 
     async def _upstream(self) -> None:
         for probe in self.probes:
@@ -170,134 +220,42 @@ class InProcessCheck(Check):
             sock.close()
 
 
-def _reset_carrier(carrier: Any) -> None:
-    """End a probe's stream for good: the exit resets the probe connection and forgets it."""
-    with contextlib.suppress(OSError, RuntimeError, asyncssh.Error):
-        carrier.link.write(fr.encode_reset(fr.RST_SHUTDOWN, "readiness probe"))
-    carrier.link.close()
-
-
 # --------------------------------------------------------------------------- HELLO only
 
 
-class _HelloExchange:
-    """Greeting and HELLO with an exit; ``result`` resolves when it accepted us (or not)."""
-
-    def __init__(self, secret: bytes, key_id: str, heartbeat: float) -> None:
-        self.result: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._secret = secret
-        self._client = s5.Socks5Client({hl.METHOD_TUNNEL: hl.decode_reply})
-        self._hello = hl.encode_hello(
-            secret,
-            key_id,
-            int(time.time() * 1000),
-            os.urandom(hl.NONCE_SIZE),
-            hl.NEW_SESSION,
-            0,
-            int(heartbeat * 1000),
-        )
-
-    def first_flight(self) -> bytes:
-        return self._client.greeting(bytes((hl.METHOD_TUNNEL,))) + self._hello
-
-    def feed(self, data: bytes) -> None:
-        if self.result.done():
-            return
-        try:
-            events = self._client.receive(data)
-        except ProtocolError as exc:
-            self._fail(f"bad answer from the exit: {exc}")
-            return
-        for event in events:
-            if isinstance(event, s5.MethodSelected) and event.method != hl.METHOD_TUNNEL:
-                self._fail("the exit refused the tunnel method (is it a relay-exit?)")
-                return
-            if isinstance(event, s5.SubNegotiation):
-                reply = event.message
-                assert isinstance(reply, hl.HelloReply)
-                if reply.status != hl.OK:
-                    status = hl.STATUS_NAMES.get(reply.status, str(reply.status))
-                    self._fail(f"the exit refused our HELLO: {status}")
-                elif not hl.verify_reply(reply, self._secret, self._hello[-hl.MAC_SIZE :]):
-                    self._fail("the exit's HELLO reply failed authentication (wrong secret?)")
-                else:
-                    self.result.set_result(None)
-                return
-
-    def closed(self, why: str) -> None:
-        self._fail(f"the exit closed the connection during HELLO ({why})")
-
-    def _fail(self, why: str) -> None:
-        if not self.result.done():
-            self.result.set_exception(NotReady("exit", why))
-
-
-class _SshHelloSession(asyncssh.SSHTCPSession[bytes]):
-    def __init__(self, exchange: _HelloExchange) -> None:
-        self.exchange = exchange
-
-    def connection_made(self, chan: Any) -> None:
-        chan.write(self.exchange.first_flight())
-
-    def data_received(self, data: bytes, datatype: Any) -> None:
-        self.exchange.feed(data)
-
-    def connection_lost(self, exc: Optional[Exception]) -> None:
-        self.exchange.closed(str(exc) if exc else "closed")
-
-
-class _TcpHelloProtocol(asyncio.Protocol):
-    def __init__(self, exchange: _HelloExchange) -> None:
-        self.exchange = exchange
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.write(self.exchange.first_flight())  # type: ignore[attr-defined]
-
-    def data_received(self, data: bytes) -> None:
-        self.exchange.feed(data)
-
-    def connection_lost(self, exc: Optional[Exception]) -> None:
-        self.exchange.closed(str(exc) if exc else "closed")
-
-
 async def hello_check(worker: RelayWorker, exit_host: str, exit_port: int) -> None:
-    """HELLO with one exit, through the login node like a carrier, then close.
+    """A new session's HELLO with one exit, on a carrier dialled as the worker dials its own
+    (through the login node, TLS inside when configured), closed again at once. The session
+    has no stream, so the exit ends it with the carrier. Raises :class:`NotReady`.
 
-    The exit logs it as a handshake that ended before a CONNECT; give ``--probe`` to check a
-    real destination instead.
-    """
+    The gate itself looks at the running worker's sessions instead; this checks an exit with
+    a worker that is not running (its settings and SSH hop only)."""
     settings = worker.settings
-    exchange = _HelloExchange(settings.secret, settings.key_id, settings.heartbeat)
     where = format_hostport(exit_host, exit_port)
-    link: Any
     try:
-        if settings.exit_tls is not None:  # TLS inside the channel, as the carriers do it
-            raw: Any = await worker.ssh.connection() if worker.ssh else asyncio.get_running_loop()
-            link, _ = await connect_tls(
-                lambda factory: raw.create_connection(factory, exit_host, exit_port),
-                lambda: _TcpHelloProtocol(exchange), settings.exit_tls, exit_host,
-                settings.connect_timeout,
-            )  # fmt: skip
-        elif worker.ssh is not None:
-            conn = await worker.ssh.connection()
-            link, _ = await conn.create_connection(
-                lambda: _SshHelloSession(exchange), exit_host, exit_port
-            )
+        carrier = await asyncio.wait_for(
+            worker.dial((exit_host, exit_port)), settings.connect_timeout + 5
+        )
+    except OpenFailed as exc:
+        hop = "ssh" if isinstance(exc.__cause__, SshUnavailable) else "exit"
+        raise NotReady(hop, str(exc)) from None
+    except asyncio.TimeoutError:
+        raise NotReady("exit", f"no connection to exit {where}") from None
+    try:
+        carrier.start(carrier_opener(settings.secret, settings.key_id, settings.heartbeat))
+        await asyncio.wait_for(worker.handshake(carrier), settings.connect_timeout)
+    except TunnelRefused as exc:
+        if exc.stage == "method":
+            why = "the exit refused the tunnel method (is it a relay-exit?)"
         else:
-            loop = asyncio.get_running_loop()
-            link, _ = await loop.create_connection(
-                lambda: _TcpHelloProtocol(exchange), exit_host, exit_port
-            )
-    except SshUnavailable as exc:
-        raise NotReady("ssh", str(exc)) from None
-    except asyncssh.ChannelOpenError as exc:
-        raise NotReady("exit", f"login node cannot reach exit {where}: {exc.reason}") from None
-    except OSError as exc:
-        raise NotReady("exit", f"cannot reach exit {where}: {exc}") from None
-    try:
-        await exchange.result
+            why = f"the exit refused our HELLO: {hl.STATUS_NAMES.get(exc.status, exc.status)}"
+        raise NotReady("exit", why) from None
+    except OpenFailed as exc:
+        raise NotReady("exit", str(exc)) from None
+    except asyncio.TimeoutError:
+        raise NotReady("exit", f"no HELLO reply from exit {where}") from None
     finally:
-        link.close()
+        carrier.close()
 
 
 # --------------------------------------------------------------------------- attached worker

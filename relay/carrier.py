@@ -1,8 +1,8 @@
-"""Carriers: the worker's connections to the exit, one per stream, over SSH or plain TCP.
+"""Carriers: the worker's long-lived connections to an exit, over SSH or plain TCP (or TLS).
 
-A carrier first runs the opening handshake (:class:`relay.proto.opener.TunnelOpener`), then
-hands every byte to its stream's pump. Bytes that arrive between the two are held so the
-pump sees the stream from its first byte.
+A carrier first runs the opening handshake (:class:`relay.proto.opener.CarrierOpener`), then
+joins its session's driver (relay.muxpump), which reads and writes sealed frames on it. Bytes
+that arrive between the two are held, so the session sees the carrier from its first byte.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any, Optional
 
 import asyncssh
 
-from relay.proto import ProtocolError
+from relay.muxpump import MuxDriver
+from relay.proto import ProtocolError, seal
 from relay.proto import hello as hl
-from relay.proto.opener import Connected, Established, Refused, TunnelOpener
-from relay.pump import TunnelPump
+from relay.proto.opener import CarrierOpener, Established, Refused
 
 
 class TunnelRefused(ConnectionError):
@@ -29,74 +29,45 @@ class TunnelRefused(ConnectionError):
         super().__init__(f"exit refused {stage}: {hl.STATUS_NAMES.get(status, status)}")
 
 
-class Opened:
-    """Result of a completed opening handshake."""
-
-    def __init__(self, established: Established, connected: Optional[Connected]) -> None:
-        self.established = established
-        self.connected = connected
-
-
 class CarrierBase:
     """Shared behaviour of SSH-channel and TCP carriers; ``self.link`` is the byte pipe."""
 
     link: Any
 
     def _init_carrier(self) -> None:
-        self.opener: Optional[TunnelOpener] = None
-        self.opened: asyncio.Future[Opened] = asyncio.get_running_loop().create_future()
-        self.pump: Optional[TunnelPump] = None
-        self._established: Optional[Established] = None
+        self.opener: Optional[CarrierOpener] = None
+        self.established: asyncio.Future[Established] = asyncio.get_running_loop().create_future()
+        self.driver: Optional[MuxDriver] = None
+        self.cid = 0
         self._held: list[bytes] = []
         self._lost: Optional[str] = None
 
-    @property
-    def established(self) -> Optional[Established]:
-        """The exit's accepted HELLO, once it came (it has a session for us from then on)."""
-        return self._established
-
-    def start(self, opener: TunnelOpener) -> None:
+    def start(self, opener: CarrierOpener) -> None:
         self.opener = opener
         self.link.write(opener.first_flight())
 
-    def attach(self, pump: TunnelPump, peer_offset: int = 0) -> int:
-        """Give the data phase to ``pump`` (also after a resume onto this carrier).
-
-        Returns the bytes the pump sent again because the peer had not received them.
-        """
-        self.pump = pump
-        replayed = pump.attach_carrier(self.link, self._take_held(), peer_offset)
-        if self._lost is not None:
-            pump.carrier_lost(self._lost, self.link)
-        return replayed
-
-    def hand_over(self, pump: TunnelPump) -> None:
-        """Give the data phase to ``pump``, which has sent on this carrier since right after
-        the first flight (optimistic data): nothing is sent again, held bytes go to it."""
-        self.pump = pump
-        pump.carrier_confirmed(self._take_held())
-        if self._lost is not None:
-            pump.carrier_lost(self._lost, self.link)
-
-    def _take_held(self) -> bytes:
-        """What arrived after the handshake, in order: the opener's rest, then held reads."""
-        held = b"".join(self._held)
+    def join(self, driver: MuxDriver, cid: int, est: Established) -> None:
+        """Hand the carrier to its session: frames are sealed with keys of this HELLO."""
+        self.driver = driver
+        self.cid = cid
+        to_exit, to_worker = seal.derive_keys(est.session_key, est.worker_nonce, est.exit_nonce)
+        early = b"".join(self._held)
         self._held.clear()
         if self.opener is not None:
-            held = self.opener.trailing() + held
+            early = self.opener.trailing() + early
             self.opener = None
-        return held
-
-    def _current(self) -> bool:
-        """True while this carrier is the one its stream uses (not one replaced by a resume)."""
-        return self.pump is not None and self.pump.carrier is self.link
+        driver.add_link(cid, self.link, seal.Sealer(to_exit), seal.Unsealer(to_worker), early)
+        if self._lost is not None:
+            driver.drop_link(cid, self._lost)
+        else:
+            self.link.resume_reading()
 
     def _on_bytes(self, data: bytes) -> None:
-        if self.pump is not None:
-            if self.pump.carrier is self.link:
-                self.pump.carrier_data(data)
+        driver = self.driver
+        if driver is not None:
+            driver.link_data(self.cid, data)
             return
-        if self.opened.done():
+        if self.established.done():
             self._held.append(data)
             self.link.pause_reading()
             return
@@ -112,36 +83,38 @@ class CarrierBase:
             if isinstance(event, Refused):
                 self._fail(TunnelRefused(event.stage, event.status))
                 return
-            if isinstance(event, Established):
-                self._established = event
-                if opener.is_resume:
-                    self.opened.set_result(Opened(event, None))
-            elif isinstance(event, Connected):
-                assert self._established is not None
-                self.opened.set_result(Opened(self._established, event))
+            self.established.set_result(event)
+            trailing = opener.trailing()
+            if trailing:
+                self._held.append(trailing)
+            self.opener = None
+            self.link.pause_reading()  # until the session takes the carrier
 
     def _on_closed(self, why: str) -> None:
-        if self.pump is not None:
-            self.pump.carrier_lost(why, self.link)
-        elif not self.opened.done():
-            self.opened.set_exception(ConnectionError(f"carrier closed during handshake: {why}"))
+        if self.driver is not None:
+            self.driver.drop_link(self.cid, why)
+        elif not self.established.done():
+            self.established.set_exception(
+                ConnectionError(f"carrier closed during handshake: {why}")
+            )
         else:
             self._lost = why
 
     def _fail(self, exc: Exception) -> None:
-        if not self.opened.done():
-            self.opened.set_exception(exc)
+        if not self.established.done():
+            self.established.set_exception(exc)
+        self.link.close()
+
+    def close(self) -> None:
         self.link.close()
 
     def _pause(self) -> None:
-        if self._current():
-            assert self.pump is not None
-            self.pump.carrier_pause_writing()
+        if self.driver is not None:
+            self.driver.pause_link(self.cid)
 
     def _resume(self) -> None:
-        if self._current():
-            assert self.pump is not None
-            self.pump.carrier_resume_writing()
+        if self.driver is not None:
+            self.driver.resume_link(self.cid)
 
 
 class SshCarrier(CarrierBase, asyncssh.SSHTCPSession[bytes]):
@@ -157,7 +130,7 @@ class SshCarrier(CarrierBase, asyncssh.SSHTCPSession[bytes]):
         self._on_bytes(data)
 
     def eof_received(self) -> bool:
-        self._on_closed("carrier closed without FIN")
+        self._on_closed("carrier closed by the exit")
         return False
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
@@ -183,7 +156,7 @@ class TcpCarrier(CarrierBase, asyncio.Protocol):
         self._on_bytes(data)
 
     def eof_received(self) -> bool:
-        self._on_closed("carrier closed without FIN")
+        self._on_closed("carrier closed by the exit")
         return False
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
@@ -196,29 +169,16 @@ class TcpCarrier(CarrierBase, asyncio.Protocol):
         self._resume()
 
 
-def new_opener(
-    secret: bytes, key_id: str, heartbeat: float, destination: tuple[str, int]
-) -> TunnelOpener:
-    return TunnelOpener(
-        key=secret,
-        key_id=key_id,
-        now_ms=int(time.time() * 1000),
-        nonce=os.urandom(hl.NONCE_SIZE),
-        heartbeat_ms=int(heartbeat * 1000),
-        destination=destination,
-    )
-
-
-def resume_opener(
-    session_key: bytes, key_id: str, heartbeat: float, session_id: bytes, recv_offset: int
-) -> TunnelOpener:
-    """HELLO for an existing session, signed with its session key; no CONNECT follows."""
-    return TunnelOpener(
-        key=session_key,
+def carrier_opener(
+    key: bytes, key_id: str, heartbeat: float, session_id: bytes = hl.NEW_SESSION
+) -> CarrierOpener:
+    """First flight of a carrier: a new session (``key`` = the key's secret) or a join
+    (``key`` = the session key)."""
+    return CarrierOpener(
+        key=key,
         key_id=key_id,
         now_ms=int(time.time() * 1000),
         nonce=os.urandom(hl.NONCE_SIZE),
         heartbeat_ms=int(heartbeat * 1000),
         session_id=session_id,
-        recv_offset=recv_offset,
     )

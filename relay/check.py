@@ -6,22 +6,24 @@ Hops, in order, each timed:
     each login node: TCP, key exchange, host key against known_hosts, public key login.
 ``tcp``
     the exit through each login node that let us in (the direct-tcpip channel the worker opens
-    for every stream), or straight to the exit when no login node is configured.
+    for each of its carriers), or straight to the exit when no login node is configured.
 ``hello``
-    the tunnel HELLO on that channel: both ends prove the shared secret; the exit's timestamp
-    gives the clock skew, its answer the agreed heartbeat interval.
+    the tunnel HELLO on that channel, starting a new session: both ends prove the shared
+    secret; the exit's timestamp gives the clock skew, its answer the agreed heartbeat.
 ``connect``
-    each ``--probe`` destination through the exit (the exit's policy and its reach).
+    each ``--probe`` destination through the exit: an OPEN frame on the carrier, answered by
+    the exit's REPLY (its policy and its reach). One carrier serves every probe.
 ``heartbeat``
-    one PING/PONG on an open stream: the round trip an idle stream's keepalive pays.
+    one PING/PONG on the carrier: the round trip the session's keepalive pays.
 
 The check is built from the worker's own parts (:class:`~relay.sshhop.SshHop`, the carriers,
-the tunnel opener and the stream state machine), so what passes here is what the worker does.
-Without ``--probe`` the HELLO's CONNECT asks for ``0.0.0.0:9``, which every exit refuses by
-policy (the unspecified address is always denied): that proves the HELLO and that the policy
-is on, at the price of one ``relay_policy_denials_total{reason="unspecified"}`` at the exit.
-Probe streams end with FIN (a reset after two seconds if the destination does not close), so
-the exit logs them like any stream and never parks them for resumption.
+the carrier opener, the session state machine and its driver), so what passes here is what
+the worker does. Without ``--probe`` the session OPENs ``0.0.0.0:9``, which every exit refuses
+by policy (the unspecified address is always denied): that proves the session works and that
+the policy is on, at the price of one ``relay_policy_denials_total{reason="unspecified"}`` at
+the exit. Probe streams end with FIN (a reset after two seconds if the destination does not
+close), so the exit logs them like any stream; when the check closes its carrier the exit's
+session has no stream left, so it ends instead of being parked for a resume.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import asyncio
 import contextlib
 import getpass
 import json
+import os
 import socket
 import sys
 import time
@@ -42,7 +45,7 @@ from typing import Any, Callable, NoReturn, Optional, Union, cast
 import asyncssh
 
 from relay.addresses import format_hostport
-from relay.carrier import SshCarrier, TcpCarrier, TunnelRefused, new_opener
+from relay.carrier import SshCarrier, TcpCarrier, TunnelRefused, carrier_opener
 from relay.config import (
     WORKER_OPTIONS,
     Option,
@@ -54,12 +57,13 @@ from relay.config import (
 from relay.errors import ConfigError
 from relay.logs import setup_logging
 from relay.metrics import Metrics
-from relay.proto import ProtocolError
-from relay.proto import frames as fr
+from relay.muxpump import MuxDriver, MuxPump
+from relay.proto import ProtocolError, mux
 from relay.proto import hello as hl
+from relay.proto import session as ms
 from relay.proto import socks5 as s5
-from relay.proto.opener import AuthFailed, Connected, Established
-from relay.proto.stream import Rtt, TunnelStream
+from relay.proto.opener import AuthFailed, Established
+from relay.pump import RESET, StreamInfo
 from relay.sshhop import Login, SshHop
 from relay.tlslink import TlsError, TlsVerifyError, connect_tls
 from relay.worker import WorkerSettings
@@ -73,7 +77,7 @@ EXIT_USAGE = 2
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 
 SELF_TEST = ("0.0.0.0", 9)
-"""Destination of the HELLO's CONNECT when no probe is given: denied by every exit's policy."""
+"""Destination of the OPEN when no probe is given: denied by every exit's policy."""
 CLOCK_WINDOW_S = 120.0
 """The exit refuses HELLOs whose timestamp is further than this from its clock."""
 SKEW_WARN_S = CLOCK_WINDOW_S / 2
@@ -86,8 +90,7 @@ CHECK_OPTIONS: tuple[Option, ...] = (
         "hostport",
         (),
         "destination to open a stream to through the exit (e.g. the collector); each is"
-        " one 'connect' hop, the first open one also measures the heartbeat round trip."
-        " Command line only",
+        " one 'connect' hop, an OPEN on the check's one carrier. Command line only",
         repeatable=True,
     ),
     Option("json", "bool", False, "print one JSON document instead of lines. Command line only"),
@@ -121,129 +124,148 @@ class Hop:
         }
 
 
-# --------------------------------------------------------------------------- carriers
+# --------------------------------------------------------------------------- the session
 
 
-class _HelloClock:
-    """Notes when the HELLO reply arrived, before the CONNECT reply completes the opening."""
+class _ProbePump(MuxPump):
+    """One probe stream: no plain side; ``answer`` gets the exit's REPLY, ``ended`` the
+    stream's result. What the destination sends is dropped."""
 
-    hello_at: Optional[float] = None
-    hello_wall: Optional[float] = None
+    def __init__(self, driver: MuxDriver, sid: int, info: StreamInfo) -> None:
+        loop = asyncio.get_running_loop()
+        self.answer: asyncio.Future[tuple[int, bytes]] = loop.create_future()
+        self.ended: asyncio.Future[str] = loop.create_future()
+        self.opened_at = time.monotonic()
+        super().__init__(driver, sid, info, plain_is_client=True, on_done=self._ended)
 
-    def _note_hello(self) -> None:
-        opener = getattr(self, "opener", None)
-        if self.hello_at is None and opener is not None and opener.established is not None:
-            self.hello_at = time.monotonic()
-            self.hello_wall = time.time()
+    def on_data(self, payload: Any) -> None:
+        """Dropped: a probe only needs the stream to open."""
 
-
-class _CheckSshCarrier(SshCarrier, _HelloClock):
-    def data_received(self, data: bytes, datatype: Any) -> None:
-        super().data_received(data, datatype)
-        self._note_hello()
-
-
-class _CheckTcpCarrier(TcpCarrier, _HelloClock):
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        self._note_hello()
-
-
-Carrier = Union[_CheckSshCarrier, _CheckTcpCarrier]
-
-
-class _ProbeStream:
-    """The data phase of a probe stream: one PING/PONG, then FIN (or RST) and close.
-
-    It stands where the worker puts a TunnelPump: :meth:`CarrierBase.attach` drives it
-    through the same methods and the ``carrier`` attribute (the link it writes to).
-    """
-
-    def __init__(self, heartbeat: float, misses: int) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.stream = TunnelStream(
-            heartbeat=heartbeat, now=self.loop.time(), misses=misses, replay_limit=fr.MAX_DATA
-        )
-        self.link: Any = None
-        self.carrier: Any = None
-        self.rtt: asyncio.Future[float] = self.loop.create_future()
-        self.ended: asyncio.Future[str] = self.loop.create_future()
-
-    # -- what a carrier calls ---------------------------------------------------------------
-    def attach_carrier(self, link: Any, early: bytes = b"", peer_offset: int = 0) -> int:
-        """Start the data phase on ``link``; nothing was sent before, so nothing is replayed."""
-        self.link = self.carrier = link
-        if early:
-            self.carrier_data(early)
-        return 0
-
-    def carrier_data(self, data: bytes) -> None:
-        if self.ended.done():
-            return
-        try:
-            events, reply = self.stream.receive(data, self.loop.time())
-        except ProtocolError as exc:
-            self._end(f"protocol error from the exit: {exc}")
-            return
-        if reply:
-            self.link.write(reply)
-        for event in events:
-            if isinstance(event, Rtt) and not self.rtt.done():
-                self.rtt.set_result(event.seconds)
-            elif isinstance(event, fr.Reset):
-                name = fr.RST_CODE_NAMES.get(event.code, str(event.code))
-                self._end(f"the exit reset the stream ({name}: {event.reason or '-'})")
-                return
-
-    def carrier_lost(self, why: str, link: Any = None) -> None:
-        self._end(why)
-
-    def carrier_pause_writing(self) -> None:
-        """Nothing to pause: a probe sends a few frames only."""
-
-    def carrier_resume_writing(self) -> None:
-        """See :meth:`carrier_pause_writing`."""
-
-    # -- what the check does ------------------------------------------------------------------
-    def _end(self, why: str) -> None:
+    def _ended(self, pump: MuxPump, result: str) -> None:
         if not self.ended.done():
-            self.ended.set_result(why)
-        if not self.rtt.done():
-            self.rtt.set_exception(ConnectionError(why))
-            self.rtt.exception()  # retrieved: a probe that closes early is reported elsewhere
+            self.ended.set_result(result)
+
+
+class _CheckSession:
+    """A one-carrier v2 session, run as the worker runs its own: every probe is an OPEN on
+    the carrier, the heartbeat one PING on it."""
+
+    CID = 1
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        carrier: Union[SshCarrier, TcpCarrier],
+        est: Established,
+        metrics: Metrics,
+    ) -> None:
+        s = settings
+        self.key_id = s.key_id
+        self.loop = asyncio.get_running_loop()
+        self.gone: asyncio.Future[str] = self.loop.create_future()
+        self.probes: dict[int, _ProbePump] = {}
+        self._pong: Optional[asyncio.Future[float]] = None
+        session = ms.Session(
+            ms.WORKER,
+            heartbeat=est.heartbeat_ms / 1000,
+            now=self.loop.time(),
+            misses=s.heartbeat_misses,
+            window=s.replay_buffer,
+            tombstone_ttl=s.resume_timeout,
+        )
+        self.driver = MuxDriver(
+            session,
+            metrics,
+            on_rtt=self._rtt,
+            on_answer=self._answered,
+            on_link_lost=self._lost,
+        )
+        carrier.join(self.driver, self.CID, est)
+
+    # -- driver hooks -----------------------------------------------------------------------
+    def _answered(self, sid: int, code: int, address: bytes) -> None:
+        pump = self.probes.get(sid)
+        if pump is None:
+            return
+        if not pump.answer.done():
+            pump.answer.set_result((code, address))
+        if code != s5.SUCCEEDED:
+            pump.discard()  # refused: the session forgot the stream and told the exit so
+
+    def _lost(self, cid: int, why: str) -> None:
+        if not self.gone.done():
+            self.gone.set_result(why)
+
+    def _rtt(self, carrier: int, seconds: float) -> None:
+        if self._pong is not None and not self._pong.done():
+            self._pong.set_result(seconds)
+
+    # -- what the check does ----------------------------------------------------------------
+    async def wait(self, future: asyncio.Future[Any], timeout: float) -> Any:
+        """``future``'s result; ConnectionError when the carrier goes first."""
+        if not future.done() and not self.gone.done():
+            await asyncio.wait(
+                (future, self.gone), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        if future.done():
+            return future.result()
+        if self.gone.done():
+            raise ConnectionError(f"the carrier closed: {self.gone.result()}")
+        raise asyncio.TimeoutError()
+
+    def open(self, host: str, port: int) -> _ProbePump:
+        """An OPEN to ``host:port``; ValueError for an address SOCKS5 cannot carry."""
+        sid = self.driver.session.open(s5.encode_address(host, port))
+        info = StreamInfo(os.urandom(4).hex(), format_hostport(host, port), self.key_id)
+        pump = _ProbePump(self.driver, sid, info)
+        self.probes[sid] = pump
+        return pump
 
     async def ping(self, timeout: float) -> float:
-        """Round trip of one PING, with the token format the daemons use."""
-        self.link.write(fr.encode_ping(int(self.loop.time() * 1e6)))
-        return await asyncio.wait_for(asyncio.shield(self.rtt), timeout)
+        """Round trip of one PING on the carrier, with the token format the daemons use."""
+        session = self.driver.session
+        carrier = session.carriers.get(self.CID)
+        if carrier is None:
+            why = self.gone.result() if self.gone.done() else "not in the session"
+            raise ConnectionError(f"the carrier closed: {why}")
+        self._pong = self.loop.create_future()
+        carrier.control.append(mux.encode_ping(int(self.loop.time() * 1e6)))
+        if session.on_output is not None:
+            session.on_output(self.CID)  # the driver writes it
+        rtt: float = await self.wait(self._pong, timeout)
+        return rtt
 
     async def close(self) -> None:
-        """FIN and wait for the exit to finish the stream; reset it if that takes too long."""
-        if self.ended.done() or self.link is None:
-            return
-        self.link.write(self.stream.send_fin(self.loop.time()))
-        try:
-            await asyncio.wait_for(asyncio.shield(self.ended), FIN_WAIT_S)
-        except asyncio.TimeoutError:
-            self.link.write(self.stream.send_reset(fr.RST_GENERIC, "relay check done"))
-            self._end("reset after FIN timeout")
-        self.link.close()
+        """FIN on every open probe stream and wait for the exit to finish it (a reset after
+        FIN_WAIT_S); reset the rest; then close the carrier. The exit is left with no
+        stream, so it ends the session instead of parking it for a resume."""
+        opened = [
+            p
+            for p in self.probes.values()
+            if p.done is None and p.answer.done() and p.answer.result()[0] == s5.SUCCEEDED
+        ]
+        for pump in opened:
+            pump.plain_eof()
+        if opened and not self.gone.done():
+            await asyncio.wait([p.ended for p in opened] + [self.gone], timeout=FIN_WAIT_S)
+        for pump in list(self.probes.values()):
+            if pump.done is None:
+                pump.abandon(RESET, "relay check done")
+        self.driver.close("relay check done")
 
 
 class _Attempt:
-    """What one carrier got to: channel, HELLO, CONNECT; times in seconds."""
+    """What the carrier got to: channel, HELLO; times in seconds."""
 
     def __init__(self) -> None:
         self.stage = "tcp"  # the stage that failed, or "open"
         self.error: Optional[BaseException] = None
         self.channel_s: Optional[float] = None
         self.hello_s: Optional[float] = None
-        self.open_s: Optional[float] = None
         self.skew_s: Optional[float] = None
         self.skew_error_s: Optional[float] = None
         self.established: Optional[Established] = None
-        self.connected: Optional[Connected] = None
-        self.carrier: Optional[Carrier] = None
+        self.carrier: Optional[Union[SshCarrier, TcpCarrier]] = None
 
 
 # --------------------------------------------------------------------------- the check
@@ -451,8 +473,7 @@ class Checker:
         if s.upstream is not None:
             await self._upstream(conn, target, f"{name}{via}")
             return
-        first = self.probes[0] if self.probes else SELF_TEST
-        attempt = await self._open(conn, target, first)
+        attempt = await self._open(conn, target)
         if attempt.stage == "tcp":
             cause, fix = self._tcp_failure(login, name, attempt.error)
             self.add(Hop("tcp", f"{name}{via}", FAIL, attempt.channel_s, cause=cause, fix=fix))
@@ -468,85 +489,70 @@ class Checker:
             self._skip_after("hello", name)
             return
         self.add(self._hello_hop(name, attempt))
-        if not self.probes:
-            self._self_test(name, attempt)
-            return
-        streams: list[_ProbeStream] = []
+        assert attempt.carrier is not None and attempt.established is not None
+        session = _CheckSession(s, attempt.carrier, attempt.established, self._metrics)
         try:
-            for index, probe in enumerate(self.probes):
-                if index:
-                    attempt = await self._open(conn, target, probe)
-                stream = self._connect_hop(probe, attempt)
-                if stream is not None:
-                    streams.append(stream)
-            await self._heartbeat(name, streams)
+            if self.probes:
+                await self._connect_hops(session)
+            else:
+                await self._self_test(session)
+            await self._heartbeat(name, session)
         finally:
-            for stream in streams:
-                await stream.close()
+            await session.close()
 
     async def _open(
-        self,
-        conn: Optional[asyncssh.SSHClientConnection],
-        target: tuple[str, int],
-        destination: tuple[str, int],
+        self, conn: Optional[asyncssh.SSHClientConnection], target: tuple[str, int]
     ) -> _Attempt:
-        """One carrier through the chain, up to the CONNECT reply for ``destination``."""
+        """The carrier through the chain, up to the exit's HELLO reply."""
         s = self.settings
         attempt = _Attempt()
         started = time.monotonic()
-        carrier: Carrier
+        carrier: Union[SshCarrier, TcpCarrier]
         try:
             if s.exit_tls is not None:  # TLS inside the channel, as the worker does it
                 loop = asyncio.get_running_loop()
                 raw: Any = conn if conn is not None else loop
                 _, tls_carrier = await connect_tls(
                     lambda factory: raw.create_connection(factory, *target),
-                    _CheckTcpCarrier, s.exit_tls, target[0], self.timeout,
+                    TcpCarrier, s.exit_tls, target[0], self.timeout,
                 )  # fmt: skip
-                carrier = cast(_CheckTcpCarrier, tls_carrier)
+                carrier = cast(TcpCarrier, tls_carrier)
             elif conn is not None:
                 _, session = await asyncio.wait_for(
-                    conn.create_connection(_CheckSshCarrier, *target), self.timeout
+                    conn.create_connection(SshCarrier, *target), self.timeout
                 )
-                carrier = cast(_CheckSshCarrier, session)
+                carrier = cast(SshCarrier, session)
             else:
                 loop = asyncio.get_running_loop()
                 _, protocol = await asyncio.wait_for(
-                    loop.create_connection(_CheckTcpCarrier, *target), self.timeout
+                    loop.create_connection(TcpCarrier, *target), self.timeout
                 )
                 carrier = protocol
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
             attempt.error = exc
             attempt.channel_s = time.monotonic() - started
             return attempt
-        attempt.carrier = carrier
         sent = time.monotonic()
         sent_wall = time.time()
         attempt.channel_s = sent - started
-        carrier.start(new_opener(s.secret, s.key_id, s.heartbeat, destination))
+        attempt.stage = "hello"
+        established = carrier.established
+        established.add_done_callback(_retrieve)
+        carrier.start(carrier_opener(s.secret, s.key_id, s.heartbeat))
         try:
-            opened = await asyncio.wait_for(carrier.opened, self.timeout)
+            est = await asyncio.wait_for(asyncio.shield(established), self.timeout)
         except (ProtocolError, ConnectionError, asyncio.TimeoutError) as exc:
-            carrier.link.close()
+            carrier.close()
             attempt.error = exc
             attempt.hello_s = time.monotonic() - sent
-            opener = carrier.opener
-            if carrier.hello_at is None or opener is None or opener.established is None:
-                attempt.stage = "hello"
-                return attempt
-            attempt.stage = "connect"
-            attempt.open_s = time.monotonic() - sent
-            established = opener.established
-        else:
-            attempt.stage = "open"
-            attempt.open_s = time.monotonic() - sent
-            attempt.connected = opened.connected
-            established = opened.established
-        attempt.established = established
-        hello_at = carrier.hello_at if carrier.hello_at is not None else time.monotonic()
-        hello_wall = carrier.hello_wall if carrier.hello_wall is not None else time.time()
+            return attempt
+        hello_at = time.monotonic()
+        hello_wall = time.time()
+        attempt.stage = "open"
+        attempt.carrier = carrier
+        attempt.established = est
         attempt.hello_s = hello_at - sent
-        attempt.skew_s = established.exit_time_ms / 1000 - (sent_wall + hello_wall) / 2
+        attempt.skew_s = est.exit_time_ms / 1000 - (sent_wall + hello_wall) / 2
         attempt.skew_error_s = (hello_wall - sent_wall) / 2
         return attempt
 
@@ -579,86 +585,110 @@ class Checker:
             )
         return Hop("hello", name, OK, attempt.hello_s, detail=detail, facts=facts)
 
-    def _self_test(self, name: str, attempt: _Attempt) -> None:
-        connected = attempt.connected
-        code = connected.code if connected is not None else None
-        if attempt.carrier is not None:
-            attempt.carrier.link.close()
+    async def _self_test(self, session: _CheckSession) -> None:
+        """No probe: OPEN the unspecified address, which the exit's policy must refuse."""
         probe = format_hostport(*SELF_TEST)
+        pump = session.open(*SELF_TEST)
+        try:
+            code, _ = await session.wait(pump.answer, self.timeout)
+        except (ConnectionError, asyncio.TimeoutError) as exc:
+            self.add(
+                Hop(
+                    "connect",
+                    "-",
+                    FAIL,
+                    time.monotonic() - pump.opened_at,
+                    cause=f"no answer to the OPEN of {probe}: {_describe(exc)}",
+                    fix="look at the exit's log (stream limits, a policy error)",
+                )
+            )
+            return
+        elapsed = time.monotonic() - pump.opened_at
         if code == s5.SUCCEEDED:
             self.add(
                 Hop(
                     "connect",
                     probe,
                     WARN,
-                    attempt.open_s,
+                    elapsed,
                     cause=f"the exit let a stream to {probe} through: its policy allows the"
                     " unspecified address, which reaches the exit host itself",
                     fix="remove the --allow rule that covers 0.0.0.0 on the exit",
                 )
             )
-        else:
-            reply = s5.REPLY_NAMES.get(code, str(code)) if code is not None else "no reply"
-            self.add(
-                Hop(
-                    "connect",
-                    "-",
-                    SKIP,
-                    detail=f"no --probe given (the exit answered {probe} with '{reply}',"
-                    " as a policy must)",
-                )
-            )
-        self.add(Hop("heartbeat", name, SKIP, detail="needs an open stream: give --probe"))
-
-    def _connect_hop(self, probe: tuple[str, int], attempt: _Attempt) -> Optional[_ProbeStream]:
-        """Report one probe's CONNECT; an open stream is handed over to a _ProbeStream."""
-        s = self.settings
-        target = format_hostport(*probe)
-        if attempt.stage != "open":
-            if attempt.stage == "tcp":
-                cause, fix = self._tcp_failure(None, "the exit", attempt.error)
-            elif attempt.stage == "hello":
-                cause, fix = self._hello_failure("the exit", attempt.error)
-            else:
-                cause = f"no CONNECT reply: {_describe(attempt.error)}"
-                fix = "look at the exit's log for this destination"
-            self.add(Hop("connect", target, FAIL, attempt.open_s, cause=cause, fix=fix))
-            return None
-        connected = attempt.connected
-        carrier = attempt.carrier
-        assert connected is not None and carrier is not None
-        if connected.code != s5.SUCCEEDED:
-            carrier.link.close()
-            cause, fix = _connect_failure(probe, connected.code)
-            facts = {"reply": s5.REPLY_NAMES.get(connected.code, connected.code)}
-            self.add(
-                Hop("connect", target, FAIL, attempt.open_s, cause=cause, fix=fix, facts=facts)
-            )
-            return None
-        bound = format_hostport(connected.host, connected.port)
+            return
+        reply = s5.REPLY_NAMES.get(code, str(code))
         self.add(
             Hop(
                 "connect",
-                target,
-                OK,
-                attempt.open_s,
-                detail=f"connected (exit's side {bound})",
-                facts={"bound": bound},
+                "-",
+                SKIP,
+                detail=f"no --probe given (the exit answered {probe} with '{reply}',"
+                " as a policy must)",
             )
         )
-        stream = _ProbeStream(
-            attempt.established.heartbeat_ms / 1000 if attempt.established else s.heartbeat,
-            s.heartbeat_misses,
-        )
-        carrier.attach(stream)  # type: ignore[arg-type]  # the pump interface, duck-typed
-        return stream
 
-    async def _heartbeat(self, name: str, streams: list[_ProbeStream]) -> None:
-        if not streams:
-            self.add(Hop("heartbeat", name, SKIP, detail="no probe stream opened"))
-            return
+    async def _connect_hops(self, session: _CheckSession) -> None:
+        """Every probe is an OPEN on the one carrier, all at once; reported in order."""
+        pumps: list[Union[_ProbePump, ValueError]] = []
+        for host, port in self.probes:
+            try:
+                pumps.append(session.open(host, port))
+            except ValueError as exc:
+                pumps.append(exc)
+        for probe, pump in zip(self.probes, pumps):
+            target = format_hostport(*probe)
+            if isinstance(pump, ValueError):
+                self.add(
+                    Hop(
+                        "connect",
+                        target,
+                        FAIL,
+                        cause=f"the address cannot be sent to the exit: {pump}",
+                        fix="give --probe as HOST:PORT with a host name of at most 255 bytes",
+                    )
+                )
+                continue
+            remaining = pump.opened_at + self.timeout - time.monotonic()
+            try:
+                code, bound = await session.wait(pump.answer, max(remaining, 0.0))
+            except (ConnectionError, asyncio.TimeoutError) as exc:
+                self.add(
+                    Hop(
+                        "connect",
+                        target,
+                        FAIL,
+                        time.monotonic() - pump.opened_at,
+                        cause=f"no REPLY to the OPEN: {_describe(exc)}",
+                        fix="look at the exit's log for this destination",
+                    )
+                )
+                continue
+            elapsed = time.monotonic() - pump.opened_at
+            if code != s5.SUCCEEDED:
+                cause, fix = _connect_failure(probe, code)
+                facts = {"reply": s5.REPLY_NAMES.get(code, code)}
+                self.add(Hop("connect", target, FAIL, elapsed, cause=cause, fix=fix, facts=facts))
+                continue
+            try:
+                bound_host, bound_port, _ = s5.decode_address(bound)
+                shown = format_hostport(bound_host, bound_port)
+            except (ProtocolError, ValueError):
+                shown = bound.hex()
+            self.add(
+                Hop(
+                    "connect",
+                    target,
+                    OK,
+                    elapsed,
+                    detail=f"connected (exit's side {shown})",
+                    facts={"bound": shown},
+                )
+            )
+
+    async def _heartbeat(self, name: str, session: _CheckSession) -> None:
         try:
-            rtt = await streams[0].ping(self.timeout)
+            rtt = await session.ping(self.timeout)
         except (ConnectionError, asyncio.TimeoutError) as exc:
             self.add(
                 Hop(
@@ -666,7 +696,7 @@ class Checker:
                     name,
                     FAIL,
                     cause=f"no PONG for a PING: {_describe(exc)}",
-                    fix="the stream opened but the exit does not answer heartbeats; look at"
+                    fix="the carrier is up but the exit does not answer heartbeats; look at"
                     " the exit's log and version",
                 )
             )
@@ -677,7 +707,7 @@ class Checker:
                 name,
                 OK,
                 rtt,
-                detail="PING/PONG round trip on an open stream",
+                detail="PING/PONG round trip on the carrier",
                 facts={"rtt_s": round(rtt, 6)},
             )
         )
@@ -801,6 +831,14 @@ class Checker:
                     "the exit saw this HELLO's nonce before (a replayed connection)",
                     "run the check again; if it repeats, something replays traffic",
                 )
+            if exc.status == hl.BUSY:
+                return (
+                    "the exit refused the carrier as busy: its max_carriers or"
+                    " max_carriers_per_key limit is reached",
+                    "raise max_carriers_per_key (or max_carriers: relay_limit_hits_total on"
+                    " the exit says which) on the exit, as each worker keeps `carriers`"
+                    " carriers per exit; or lower `carriers` on the workers",
+                )
             return (
                 f"the exit refused the HELLO ({hl.STATUS_NAMES.get(exc.status, exc.status)})",
                 "look at the exit's log (it may be overloaded)",
@@ -857,6 +895,12 @@ def _connect_failure(probe: tuple[str, int], code: int) -> tuple[str, str]:
         f"the exit could not open the stream ({s5.REPLY_NAMES.get(code, code)})",
         "look at the exit's log and relay_limit_hits_total (stream limits)",
     )
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a handshake's failure as seen (it is reported from the wait, or not at all)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _describe(exc: Optional[BaseException]) -> str:
@@ -928,9 +972,9 @@ USAGE = """usage: relay check [--probe HOST:PORT ...] [--json] [--config worker.
 
 Walks the chain as relay-worker would and prints one line per hop with its time: ssh (each
 login node), tcp (the exit through it), hello (tunnel authentication, clock skew, agreed
-heartbeat), connect (each --probe through the exit), heartbeat (PING/PONG round trip). On a
-failure it names the hop, the cause and the likely fix. Exit status: 0 every hop ok, 1 a hop
-failed, 2 usage or configuration error.
+heartbeat), connect (each --probe through the exit, all on one carrier), heartbeat (PING/PONG
+round trip on that carrier). On a failure it names the hop, the cause and the likely fix.
+Exit status: 0 every hop ok, 1 a hop failed, 2 usage or configuration error.
 
 check options:
   --probe HOST:PORT   destination to open through the exit, e.g. the collector (repeatable)

@@ -145,8 +145,10 @@ class Option:
 # --------------------------------------------------------------------------- schema
 
 _HEARTBEAT_HELP = (
-    "longest interval without sending a frame (seconds); the agreed interval is the smaller"
-    " of worker's and exit's"
+    "longest a carrier stays silent (seconds): the worker sends a PING on a carrier before it"
+    " has sent nothing for that long; the exit pings only a carrier it left silent for 1.5"
+    " times that (its answers to the worker's PINGs normally prevent it); the agreed interval"
+    " is the smaller of worker's and exit's"
 )
 
 
@@ -172,7 +174,8 @@ _HEARTBEAT_MISSES = Option(
     "heartbeat-misses",
     "int",
     3,
-    "heartbeat intervals without any frame from the peer before the connection is given up",
+    "heartbeat intervals without any frame from the peer before a carrier is given up (its"
+    " streams move to the other carriers, or wait for a new one)",
     metavar="N",
     min=1,
 )
@@ -192,7 +195,8 @@ _REPLAY_BUFFER = Option(
     "replay-buffer",
     "size",
     "4MiB",
-    "unacknowledged bytes kept per connection so streams survive a reconnect"
+    "unacknowledged bytes kept per stream so it survives a lost carrier; also the stream's"
+    " flow-control window, how far its sender may run ahead of the peer's acknowledgements"
     " (bytes, or a number with KiB, MiB or GiB)",
     metavar="SIZE",
     min=1,
@@ -262,13 +266,18 @@ EXIT_OPTIONS: tuple[Option, ...] = (
     _METRICS,
     _HEARTBEAT,
     _HEARTBEAT_MISSES,
-    _seconds("handshake-timeout", 10.0, "seconds a client may take for the SOCKS5 handshake"),
+    _seconds(
+        "handshake-timeout",
+        10.0,
+        "seconds a new connection may take for its handshake (TLS, SOCKS5 greeting and HELLO;"
+        " a plain SOCKS5 client: up to its request)",
+    ),
     _seconds("connect-timeout", 10.0, "seconds to wait for a destination to accept TCP"),
-    Option("max-streams", "int", 10000, "most streams open at once", metavar="N", min=1),
+    Option("max-streams", "int", 50000, "most streams open at once", metavar="N", min=1),
     Option(
         "max-streams-per-key",
         "int",
-        2000,
+        20000,
         "most streams open at once for one KEY_ID",
         metavar="N",
         min=1,
@@ -283,21 +292,22 @@ EXIT_OPTIONS: tuple[Option, ...] = (
         min=1,
     ),
     Option(
-        "max-warm-carriers",
+        "max-carriers",
         "int",
         2000,
-        "most warm carriers (authenticated, kept open by keep-warms until a stream takes"
-        " them) at once; beyond it a keep-warm is refused and the carrier closed (0 = none)",
+        "most carriers (authenticated connections from workers, each carrying many streams)"
+        " at once; beyond it a new carrier's HELLO is refused as busy",
         metavar="N",
-        min=0,
+        min=1,
     ),
     Option(
-        "max-warm-carriers-per-key",
+        "max-carriers-per-key",
         "int",
-        500,
-        "most warm carriers at once for one KEY_ID",
+        200,
+        "most carriers at once for one KEY_ID: each worker keeps --carriers (2) per exit,"
+        " so this caps the workers sharing a key at this / --carriers",
         metavar="N",
-        min=0,
+        min=1,
     ),
     Option(
         "max-buffered",
@@ -313,13 +323,14 @@ EXIT_OPTIONS: tuple[Option, ...] = (
     _seconds(
         "resume-timeout",
         600.0,
-        "seconds a connection whose SSH transport was lost is parked, waiting to be resumed",
+        "seconds a worker's session whose carriers were all lost is parked, its streams'"
+        " destination connections open, waiting for the worker to resume it",
     ),
     Option(
         "max-parked",
         "int",
         10000,
-        "most parked connections kept for resumption (0 = never park)",
+        "most parked sessions kept for resumption (0 = never park)",
         metavar="N",
         min=0,
     ),
@@ -480,18 +491,17 @@ WORKER_OPTIONS: tuple[Option, ...] = (
     _seconds(
         "resume-timeout",
         600.0,
-        "seconds a stream waits for its carrier to come back before the application's"
-        " connection is reset (match relay-exit's --resume-timeout)",
+        "seconds streams wait for a carrier when all carriers to their exit are lost, before"
+        " the applications' connections are reset (match relay-exit's --resume-timeout)",
     ),
     Option(
-        "warm-carriers",
+        "carriers",
         "int",
         2,
-        "carriers per exit kept open with their HELLO done (kept alive by keep-warms every"
-        " heartbeat), so a new stream skips the channel open and HELLO; refilled over the"
-        " existing SSH connection only (0 = off)",
+        "carriers kept open to each exit; every stream of the worker is multiplexed on them,"
+        " so the login node and the site firewall see this many connections per exit",
         metavar="N",
-        min=0,
+        min=1,
     ),
     _tcp_keepalive("worker"),
     _REPLAY_BUFFER,
@@ -522,8 +532,8 @@ class ExitConfig:
     max_streams: int
     max_streams_per_key: int
     max_handshakes: int
-    max_warm_carriers: int
-    max_warm_carriers_per_key: int
+    max_carriers: int
+    max_carriers_per_key: int
     max_buffered: int
     tcp_keepalive: float
     replay_buffer: int
@@ -563,7 +573,7 @@ class WorkerConfig:
     no_optimistic: bool
     ssh_connect_rate: float
     resume_timeout: float
-    warm_carriers: int
+    carriers: int
     tcp_keepalive: float
     replay_buffer: int
     metrics: HostPort | None

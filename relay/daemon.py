@@ -11,13 +11,14 @@ from typing import Any, Callable, Optional, Union
 
 from relay.compat import fix_writelines_flow_control
 from relay.metrics import Metrics, serve_metrics, serve_metrics_unix
-from relay.pump import RawPump, TunnelPump
+from relay.muxpump import MuxPump
+from relay.pump import RawPump
 
 log = logging.getLogger("relay")
 
 fix_writelines_flow_control()  # before any daemon writes: the pumps rely on back-pressure
 
-Pump = Union[TunnelPump, RawPump]
+Pump = Union[MuxPump, RawPump]
 
 
 class Daemon(abc.ABC):
@@ -88,7 +89,7 @@ class Daemon(abc.ABC):
             if server is not None:
                 server.close()
         for pump in list(self.pumps):
-            if isinstance(pump, TunnelPump):
+            if isinstance(pump, MuxPump):
                 pump.shutdown(f"{self.role} stopping")
             else:
                 pump.lost(0, ConnectionAbortedError(f"{self.role} stopping"))

@@ -2,10 +2,12 @@
 
 Everything runs in one process on 127.0.0.1 with ephemeral ports: an embedded SSH server
 plays the login node, a small forwarder plays the site firewall that silently drops idle
-connections, and two client connections cross both. One speaks plain SOCKS5 through an SSH
-port forward (what ``ssh -D`` + dante did), the other goes through relay-worker and
-relay-exit. After a quiet period only the relay's connection still answers, because its
-heartbeats keep the firewall's state alive. That is the prototype's "lost jobs" bug, and its
+connections, and client connections cross both. One speaks plain SOCKS5 through an SSH port
+forward (what ``ssh -D`` + dante did): one connection through the firewall per stream. The
+others are streams through relay-worker and relay-exit, multiplexed on the worker's few
+long-lived carriers (``--carriers``), so the firewall sees those carriers and not the streams.
+After a quiet period only the relay's streams still answer, because the worker's heartbeat on
+each carrier keeps the firewall's state alive. That is the prototype's "lost jobs" bug, and its
 fix, in about fifteen seconds on a laptop.
 """
 
@@ -525,19 +527,46 @@ def _table(rows: Sequence[tuple[str, str, str]]) -> list[str]:
 
 
 # -- the demo ---------------------------------------------------------------------------------
+@dataclass
+class _Tally:
+    """Which of the middlebox's connections belong to which path (the box cannot tell)."""
+
+    plain: list[_Flow]
+    relay: list[_Flow]
+
+
+async def _carriers_up(worker: RelayWorker, exit_addr: tuple[str, int], wanted: int) -> None:
+    """Wait until the worker holds ``wanted`` carriers to the exit (it opens them at start)."""
+    client = worker.exits[exit_addr]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETUP_TIMEOUT
+    while len(client.carriers) < wanted:
+        if loop.time() > deadline:
+            raise RuntimeError(
+                f"the worker has {len(client.carriers)} of {wanted} carriers after "
+                f"{SETUP_TIMEOUT:g} s: {client.why or 'no reason given'}"
+            )
+        await asyncio.sleep(0.02)
+
+
 async def run_demo(
     idle: float = 10.0,
     blackhole_after: float = 3.0,
     heartbeat: float = 1.0,
     out: TextIO = sys.stdout,
+    streams: int = 3,
+    carriers: int = 2,
 ) -> int:
-    """Run the side-by-side demo; 0 if the relay's connection answered after the idle period."""
-    if idle < 0 or blackhole_after <= 0 or heartbeat <= 0:
-        raise ValueError("idle >= 0, blackhole_after > 0 and heartbeat > 0")
+    """Run the side-by-side demo; 0 if every relay stream answered after the idle period."""
+    if idle < 0 or blackhole_after <= 0 or heartbeat <= 0 or streams < 1 or carriers < 1:
+        raise ValueError(
+            "idle >= 0, blackhole_after > 0, heartbeat > 0, streams >= 1 and carriers >= 1"
+        )
     screen = _Screen(out)
     loop = asyncio.get_running_loop()
     began = loop.time()
-    plain, relay = PathResult(PLAIN), PathResult(RELAY)
+    plain = PathResult(PLAIN)
+    relays = [PathResult(f"{RELAY} stream {n}") for n in range(1, streams + 1)]
     async with contextlib.AsyncExitStack() as stack:
         # Each part's stop is registered before it starts, so a failure half-way through
         # still tears down whatever did start, in reverse order.
@@ -557,9 +586,12 @@ async def run_demo(
                 policy=Policy.from_strings([f"{HOST}:{echo.address[1]}"]),
                 allow_plain=True,
                 heartbeat=heartbeat,
-                # Sized for two connections, not for a production VM: the defaults want
-                # some 23000 descriptors and would warn about a limit no demo needs raised.
-                **DEMO_LIMITS,
+                # A laptop's limits, so the exit asks for a laptop's share of descriptors.
+                max_streams=256,
+                max_streams_per_key=256,
+                max_handshakes=64,
+                max_carriers=64,
+                max_carriers_per_key=64,
             )
         )
         stack.push_async_callback(relay_exit.stop)
@@ -587,14 +619,16 @@ async def run_demo(
                 secret=secret.encode(),
                 heartbeat=heartbeat,
                 connect_timeout=SETUP_TIMEOUT,
-                # One carrier per connection, so the middlebox counts what the demo shows.
-                warm_carriers=0,
+                carriers=carriers,
             )
         )
         stack.push_async_callback(worker.stop)
         await worker.start()
+        # The carriers are the worker's, opened at start: every connection the middlebox
+        # sees before the plain client connects is one of them.
+        await _carriers_up(worker, box.address, carriers)
 
-        _intro(screen, echo, relay_exit, box, login, worker, idle, heartbeat)
+        _intro(screen, echo, relay_exit, box, login, worker, idle, heartbeat, streams, carriers)
 
         async def open_plain() -> object:
             """ssh -L to the firewall's far side, then SOCKS5 with the key as password."""
@@ -609,24 +643,42 @@ async def run_demo(
             url = f"socks5://{socks_user}:{socks_password}@{host}:{port}"
             return await Proxy.from_url(url).connect(*echo.address)
 
-        plain_client, relay_client = _Client(plain), _Client(relay)
-        stack.callback(plain_client.close)
-        stack.callback(relay_client.close)
+        plain_client = _Client(plain)
+        relay_clients = [_Client(result) for result in relays]
+        for client in (plain_client, *relay_clients):
+            stack.callback(client.close)
+        before = len(box.flows)
         await _first(plain_client, open_plain)
+        tally = _Tally(plain=box.flows[before:], relay=box.flows[:before])
         screen.line(f"  {PLAIN}: first line {plain.first}")
-        await _first(relay_client, open_relay)
-        screen.line(f"  {RELAY}: first line {relay.first}")
+        for client in relay_clients:
+            await _first(client, open_relay)
+            screen.line(f"  {client.result.name}: first line {client.result.first}")
         screen.line()
         await _idle(screen, idle, box, relay_exit, worker)
         screen.line(
             "sending one more line on each connection "
             f"(waiting up to {ANSWER_TIMEOUT:g} s for the answers) ..."
         )
-        await asyncio.gather(_after(plain_client), _after(relay_client))
-        _report(screen, plain, relay, box, relay_exit, worker, idle, blackhole_after, heartbeat)
+        await asyncio.gather(*(_after(client) for client in (plain_client, *relay_clients)))
+        # Connections the worker opened after the plain client's are its carriers too.
+        tally.relay += box.flows[before + len(tally.plain) :]
+        _report(
+            screen,
+            plain,
+            relays,
+            box,
+            tally,
+            relay_exit,
+            worker,
+            idle,
+            blackhole_after,
+            heartbeat,
+            carriers,
+        )
     await asyncio.sleep(0)  # let the transports just closed release their sockets
     screen.line(f"demo finished in {loop.time() - began:.1f} s")
-    return 0 if relay.answered_after_idle else 1
+    return 0 if all(result.answered_after_idle for result in relays) else 1
 
 
 async def _close_ssh(conn: asyncssh.SSHClientConnection) -> None:
@@ -643,11 +695,13 @@ def _intro(
     worker: RelayWorker,
     idle: float,
     heartbeat: float,
+    streams: int,
+    carriers: int,
 ) -> None:
     def at(address: tuple[str, int]) -> str:
         return f"{address[0]}:{address[1]}"
 
-    screen.line("hpc-relay demo: two connections cross the same login node and the same firewall")
+    screen.line("hpc-relay demo: both paths cross the same login node and the same firewall")
     screen.line(f"  destination (echo)         {at(echo.address)}")
     screen.line(
         f"  relay-exit                 {at(relay_exit.address)}  plain SOCKS5 allowed, "
@@ -661,9 +715,19 @@ def _intro(
         f"  login node (embedded sshd) {at(login.address)}  key auth, forwards only to the "
         "middlebox"
     )
-    screen.line(f"  relay-worker SOCKS5        {at(worker.address)}  heartbeat {heartbeat:g} s")
+    screen.line(
+        f"  relay-worker SOCKS5        {at(worker.address)}  {_plural(carriers, 'carrier')} to "
+        f"the exit, heartbeat {heartbeat:g} s on each"
+    )
     screen.line()
-    screen.line(f"opening both connections, then both stay silent for {idle:g} s:")
+    screen.line(
+        "opening a plain SOCKS5 connection (through the middlebox on its own) and "
+        f"{_plural(streams, 'stream')}"
+    )
+    screen.line(
+        f"through the relay (all on its {_plural(carriers, 'carrier')}); then everything stays "
+        f"silent for {idle:g} s:"
+    )
 
 
 async def _idle(
@@ -683,34 +747,66 @@ async def _idle(
     screen.done()
 
 
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def _fate(flows: Sequence[_Flow]) -> str:
+    dead = sum(1 for flow in flows if flow.blackholed)
+    if not dead:
+        return "none black-holed"
+    if dead == len(flows):
+        return {1: "black-holed", 2: "both black-holed"}.get(dead, f"all {dead} black-holed")
+    return f"{dead} black-holed"
+
+
 def _report(
     screen: _Screen,
     plain: PathResult,
-    relay: PathResult,
+    relays: Sequence[PathResult],
     box: Middlebox,
+    tally: _Tally,
     relay_exit: RelayExit,
     worker: RelayWorker,
     idle: float,
     blackhole_after: float,
     heartbeat: float,
+    carriers: int,
 ) -> None:
     screen.line()
     rows = [("path", "first exchange", f"after {idle:g} s idle")]
-    rows += [(r.name, r.first, r.after) for r in (plain, relay)]
+    rows += [(r.name, r.first, r.after) for r in (plain, *relays)]
     for text in _table(rows):
         screen.line("  " + text)
     screen.line()
-    for text in _heartbeat_lines(
-        *_heartbeats(worker.metrics), *_heartbeats(relay_exit.metrics), heartbeat
-    ):
-        screen.line(text)
+    w_count, w_rtt = _heartbeats(worker.metrics)
+    x_count, x_rtt = _heartbeats(relay_exit.metrics)
+    rtt = f" (mean RTT {w_rtt:.1f} ms)" if w_count else ""
     screen.line(
-        f"middlebox: {box.connections} connection(s) seen, {box.blackholed} black-holed "
-        f"(timeout {blackhole_after:g} s)"
+        f"heartbeats: the worker leaves no carrier silent for more than {heartbeat:g} s (PING); "
+        f"the exit answered {w_count}{rtt};"
     )
-    if relay.answered_after_idle:
+    own = f", mean RTT {x_rtt:.1f} ms" if x_count else ""
+    screen.line(
+        "            the exit pings only when the worker's pings stop: "
+        f"{x_count} of its own answered{own}"
+    )
+    screen.line(
+        f"middlebox: {_plural(box.connections, 'connection')} seen, {box.blackholed} "
+        f"black-holed (timeout {blackhole_after:g} s)"
+    )
+    screen.line(
+        f"  plain SOCKS5: 1 stream, {_plural(len(tally.plain), 'connection')} of its own, "
+        f"{_fate(tally.plain)}"
+    )
+    screen.line(
+        f"  {RELAY}: {_plural(len(relays), 'stream')} rode {_plural(carriers, 'carrier')} "
+        f"({_plural(len(tally.relay), 'connection')} through the middlebox, "
+        f"{_fate(tally.relay)})"
+    )
+    if all(r.answered_after_idle for r in relays):
         verdict = (
-            f"verdict: OK - the {RELAY} connection answered after {idle:g} s of silence behind "
+            f"verdict: OK - every {RELAY} stream answered after {idle:g} s of silence behind "
             f"a firewall that drops connections idle for {blackhole_after:g} s"
         )
         if plain.answered_after_idle:
@@ -732,8 +828,10 @@ def _report(
                 "connections of the prototype did (expected; it does not affect the result)"
             )
     else:
+        lost = sum(1 for r in relays if not r.answered_after_idle)
         screen.line(
-            f"verdict: FAILED - the {RELAY} connection did not answer after the idle period"
+            f"verdict: FAILED - {lost} of {_plural(len(relays), RELAY + ' stream')} did not "
+            "answer after the idle period"
         )
         if heartbeat >= blackhole_after:
             screen.line(
@@ -763,14 +861,24 @@ def _not_negative(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"must be 1 to 64: {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relay demo",
         description=(
             "Run the whole chain on 127.0.0.1 (embedded SSH login node, idle-killing "
             "firewall, relay-exit, relay-worker, echo destination) and show a plain SOCKS5 "
-            "connection dying while the relay's connection survives. Exit status 0 if the "
-            "relay's connection answered after the idle period."
+            "connection dying while the relay's streams, multiplexed on a few carriers, "
+            "survive. Exit status 0 if every relay stream answered after the idle period."
         ),
     )
     parser.add_argument(
@@ -795,6 +903,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="relay heartbeat interval, worker and exit (default: 1)",
     )
     parser.add_argument(
+        "--streams",
+        type=_count,
+        default=3,
+        metavar="N",
+        help="streams opened through the relay (default: 3)",
+    )
+    parser.add_argument(
+        "--carriers",
+        type=_count,
+        default=2,
+        metavar="N",
+        help="carriers the worker keeps to the exit, all streams multiplexed on them "
+        "(default: 2, as relay-worker's --carriers)",
+    )
+    parser.add_argument(
         "--log-level",
         default="warning",
         choices=["debug", "info", "warning", "error"],
@@ -810,7 +933,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.monotonic()
     try:
         return asyncio.run(
-            run_demo(idle=args.idle, blackhole_after=args.blackhole_after, heartbeat=args.heartbeat)
+            run_demo(
+                idle=args.idle,
+                blackhole_after=args.blackhole_after,
+                heartbeat=args.heartbeat,
+                streams=args.streams,
+                carriers=args.carriers,
+            )
         )
     except KeyboardInterrupt:
         print(f"\ninterrupted after {time.monotonic() - started:.1f} s", file=sys.stderr)

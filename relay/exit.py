@@ -1,5 +1,6 @@
-"""relay-exit: a SOCKS5 server that speaks the tunnel method, authenticates every stream and
-dials only what the destination policy allows."""
+"""relay-exit: a SOCKS5 server that speaks the tunnel method, authenticates every carrier,
+multiplexes each worker's streams over its carriers and dials only what the destination
+policy allows."""
 
 from __future__ import annotations
 
@@ -19,33 +20,30 @@ from relay.addresses import format_hostport
 from relay.daemon import Daemon
 from relay.exitgroup import Group, GroupPlace, PlaintextRelay
 from relay.metrics import Metrics
+from relay.muxpump import MuxDriver, MuxPump
 from relay.policy import Policy
-from relay.proto import ProtocolError
+from relay.proto import ProtocolError, seal
 from relay.proto import handoff as ho
 from relay.proto import hello as hl
+from relay.proto import session as ms
 from relay.proto import socks5 as s5
-from relay.proto.stream import TunnelStream
-from relay.pump import (
-    PARK_EXPIRED,
-    PlainProtocol,
-    RawPump,
-    ReplayTally,
-    StreamInfo,
-    TunnelPump,
-)
+from relay.pump import PARK_EXPIRED, PROTOCOL_ERROR, PlainProtocol, RawPump, StreamInfo
 from relay.secrets import load_keys
-from relay.sockopts import set_keepalive, set_nodelay, transport_socket
+from relay.sockopts import set_keepalive, set_nodelay, set_notsent_lowat, transport_socket
 from relay.tlslink import TlsEngine, TlsLink, cert_fingerprint, server_context
 
 log = logging.getLogger("relay.exit")
 
 MIN_HEARTBEAT_MS = 100
 HANDSHAKE_BYTES_MAX = 512 * 1024
-"""Most bytes a connection may send before its stream starts. A real first flight is under
-1 KiB and reading pauses once a request is in, so only a misbehaving peer or transport gets
-near this; it is the cap on what one handshake can make the exit buffer."""
+"""Most bytes a connection may send before its HELLO is done (or, for a plain SOCKS5 client,
+its stream starts). A real first flight is under 1 KiB; this caps what one handshake can make
+the exit buffer."""
 BUFFER_CHECK_INTERVAL = 0.25
-"""Seconds between sums of all replay buffers against --max-buffered."""
+"""Seconds between checks of all sessions' buffered bytes against --max-buffered."""
+CARRIER_NOTSENT_LOWAT = 128 * 1024
+"""Unsent bytes a carrier socket may hold in the kernel: the queue below the fair scheduler
+stays short, so a bulk stream delays another stream's frames by little."""
 
 
 class ExitSettings:
@@ -61,11 +59,11 @@ class ExitSettings:
         self.heartbeat_misses: int = kwargs.pop("heartbeat_misses", 3)
         self.handshake_timeout: float = kwargs.pop("handshake_timeout", 10.0)
         self.connect_timeout: float = kwargs.pop("connect_timeout", 10.0)
-        self.max_streams: int = kwargs.pop("max_streams", 10000)
-        self.max_streams_per_key: int = kwargs.pop("max_streams_per_key", 2000)
+        self.max_streams: int = kwargs.pop("max_streams", 50000)
+        self.max_streams_per_key: int = kwargs.pop("max_streams_per_key", 20000)
         self.max_handshakes: int = kwargs.pop("max_handshakes", 1000)
-        self.max_warm_carriers: int = kwargs.pop("max_warm_carriers", 2000)
-        self.max_warm_carriers_per_key: int = kwargs.pop("max_warm_carriers_per_key", 500)
+        self.max_carriers: int = kwargs.pop("max_carriers", 2000)
+        self.max_carriers_per_key: int = kwargs.pop("max_carriers_per_key", 200)
         self.max_buffered: int = kwargs.pop("max_buffered", 1 << 30)
         # TLS on the listener (None: plain TCP); the fingerprint is only logged.
         self.tls: Optional[ssl.SSLContext] = kwargs.pop("tls", None)
@@ -99,8 +97,8 @@ class ExitSettings:
             max_streams=cfg.max_streams,
             max_streams_per_key=cfg.max_streams_per_key,
             max_handshakes=cfg.max_handshakes,
-            max_warm_carriers=cfg.max_warm_carriers,
-            max_warm_carriers_per_key=cfg.max_warm_carriers_per_key,
+            max_carriers=cfg.max_carriers,
+            max_carriers_per_key=cfg.max_carriers_per_key,
             max_buffered=cfg.max_buffered,
             tls=tls,
             tls_fingerprint=tls_fingerprint,
@@ -128,6 +126,8 @@ SHARED_LIMITS = (
     "max_handshakes",
     "max_buffered",
     "max_parked",
+    "max_carriers",
+    "max_carriers_per_key",
 )
 """The limits a --workers process enforces on its share: the configured value divided by N."""
 
@@ -150,27 +150,24 @@ class RelayExit(Daemon):
         # Connections in their handshake that have not authenticated, oldest first: when
         # the handshakes are at their limit, a new connection closes the first of them.
         self.unauthenticated: dict[ExitConnection, None] = {}
-        # Warm carriers: authenticated, waiting for their CONNECT (not handshakes).
-        self.warm: dict[ExitConnection, None] = {}
-        self.warm_per_key: Counter[str] = Counter()
-        # Streams per key, counted from the moment a CONNECT passes the limits (so that
+        self.carriers = 0
+        self.carriers_per_key: Counter[str] = Counter()
+        # Streams per key, counted from the moment an OPEN passes the limits (so that
         # concurrent requests cannot all pass them) until the stream ends.
         self.streams_per_key: Counter[str] = Counter()
         self.opening = 0
         self.over_budget = False
-        self.replay_tally = ReplayTally()
         self.tls_relays: set[PlaintextRelay] = set()
         """TLS carriers of sessions a sibling owns, whose plaintext this process carries."""
         self._budget_task: Optional[asyncio.Future[None]] = None
-        self.sessions: dict[bytes, ExitSession] = {}
-        self._session_of: dict[TunnelPump, bytes] = {}
+        self.sessions: dict[bytes, ExitMux] = {}
         self.parked = 0
         self._expired: OrderedDict[bytes, None] = OrderedDict()
         self._stopping = False
 
     async def start(self) -> None:
         s = self.settings
-        raise_nofile(2 * s.max_streams + s.max_handshakes + s.max_warm_carriers + 64)
+        raise_nofile(s.max_streams + s.max_handshakes + s.max_carriers + 64)
         group = self.group
         await self._listen(
             self._accept,
@@ -209,7 +206,7 @@ class RelayExit(Daemon):
         """A sibling passed us a connection whose HELLO is ours: carry on with it."""
         draining = self._server is not None and not self._server.is_serving()
         if self._stopping or (draining and handoff.kind == ho.KIND_NEW):
-            sock.close()  # stopping, or draining: no new sessions (resumes still come in)
+            sock.close()  # stopping, or draining: no new sessions (joins still come in)
             return
         self.metrics.handoffs.labels(ho.KIND_NAMES[handoff.kind], "adopted").inc()
         loop = asyncio.get_running_loop()
@@ -225,7 +222,7 @@ class RelayExit(Daemon):
         tls: Optional[ssl.SSLContext] = None,
         tls_fingerprint: str = "",
     ) -> None:
-        """Swap keys and policy (and the TLS certificate) at once; streams of a key that is
+        """Swap keys and policy (and the TLS certificate) at once; sessions of a key that is
         gone are closed. Connections accepted from now on get the new certificate."""
         self.settings.keys = keys
         self.settings.policy = policy
@@ -234,21 +231,21 @@ class RelayExit(Daemon):
             self.settings.tls_fingerprint = tls_fingerprint
         elif (tls is None) != (self.settings.tls is None):
             log.warning("TLS switched on or off in the configuration: takes a restart")
-        revoked = [p for p in self.pumps if p.info.key_id not in keys]
-        for pump in revoked:
-            if isinstance(pump, TunnelPump):
-                pump.shutdown("key revoked")
-            else:
+        revoked_streams = 0
+        for session in [m for m in self.sessions.values() if m.key_id not in keys]:
+            revoked_streams += len(session.driver.pumps)
+            session.end("key revoked")
+        for pump in [p for p in self.pumps if isinstance(p, RawPump)]:
+            if pump.info.key_id not in keys:
+                revoked_streams += 1
                 pump.lost(0, ConnectionAbortedError("key revoked"))
-        for conn in [c for c in self.warm if c.key_id not in keys]:
-            conn.close_warm()
         log.info(
             "reloaded",
             extra={
                 "fields": {
                     "keys": len(keys),
                     "rules": len(policy.rules),
-                    "revoked_streams": len(revoked),
+                    "revoked_streams": revoked_streams,
                     "tls": self.settings.tls_fingerprint if self.settings.tls else "off",
                 }
             },
@@ -259,8 +256,7 @@ class RelayExit(Daemon):
         """Count a new connection's handshake; False if it must be refused at once.
 
         At the limit the oldest connection that has not authenticated yet makes room, so
-        slow or silent clients cannot keep workers out; only when every handshake in
-        progress is an authenticated one waiting for its destination is the new one refused.
+        slow or silent clients cannot keep workers out.
         """
         self.handshakes += 1
         if self.handshakes > self.settings.max_handshakes:
@@ -277,26 +273,24 @@ class RelayExit(Daemon):
         self.unauthenticated[conn] = None
         return True
 
-    def warm_started(self, conn: ExitConnection) -> Optional[str]:
-        """Count an authenticated carrier that turns warm; returns the name of a full limit
-        instead. A warm carrier is no longer a handshake in progress."""
+    def carrier_full(self, key_id: str) -> Optional[str]:
+        """The name of a full carrier limit, or None when one more carrier may join."""
         s = self.settings
-        if len(self.warm) >= s.max_warm_carriers:
-            return "warm-carriers"
-        if self.warm_per_key[conn.key_id] >= s.max_warm_carriers_per_key:
-            return "warm-carriers-per-key"
-        self.warm[conn] = None
-        self.warm_per_key[conn.key_id] += 1
-        self.metrics.warm_carriers.inc()
+        if self.carriers >= s.max_carriers:
+            return "carriers"
+        if self.carriers_per_key[key_id] >= s.max_carriers_per_key:
+            return "carriers-per-key"
         return None
 
-    def warm_ended(self, conn: ExitConnection) -> None:
-        """A warm carrier got its CONNECT, timed out or closed."""
-        if self.warm.pop(conn, False) is None:
-            self.metrics.warm_carriers.dec()
-            self.warm_per_key[conn.key_id] -= 1
-            if self.warm_per_key[conn.key_id] <= 0:
-                del self.warm_per_key[conn.key_id]
+    def carrier_started(self, key_id: str) -> None:
+        self.carriers += 1
+        self.carriers_per_key[key_id] += 1
+
+    def carrier_ended(self, key_id: str) -> None:
+        self.carriers -= 1
+        self.carriers_per_key[key_id] -= 1
+        if self.carriers_per_key[key_id] <= 0:
+            del self.carriers_per_key[key_id]
 
     def reserve_stream(self, key_id: str) -> Optional[str]:
         """Take a stream slot for ``key_id``; returns the name of a full limit instead."""
@@ -314,7 +308,7 @@ class RelayExit(Daemon):
         self.opening -= 1
 
     def release_stream(self, key_id: str) -> None:
-        """A reserved slot was not used (the stream was refused or the client left)."""
+        """A reserved slot was not used (the stream was refused or reset)."""
         self.opening -= 1
         self._key_done(key_id)
 
@@ -331,14 +325,18 @@ class RelayExit(Daemon):
             except Exception:  # a bug here must not end the watch for good
                 log.exception("checking the buffer budget failed")
 
+    def buffered(self) -> int:
+        return sum(m.driver.session.buffered for m in self.sessions.values())
+
     def check_buffers(self) -> int:
-        """Hold every stream's destination side while all replay buffers together exceed
-        --max-buffered; let them read again below three quarters of it. Returns the sum."""
+        """Hold every stream's destination side while all sessions together buffer more
+        than --max-buffered; let them read again below three quarters of it."""
         limit = self.settings.max_buffered
-        total = self.replay_tally.bytes
+        total = self.buffered()
+        self.metrics.replay_bytes.set(total)
         if total <= limit and not self.over_budget:
             return total
-        tunnels = [p for p in self.pumps if isinstance(p, TunnelPump)]
+        pumps = [p for p in self.pumps if isinstance(p, MuxPump)]
         if total > limit:
             if not self.over_budget:
                 self.over_budget = True
@@ -348,7 +346,7 @@ class RelayExit(Daemon):
                     " until workers acknowledge",
                     extra={"fields": {"buffered": total, "limit": limit}},
                 )
-            for pump in tunnels:  # again each time: streams opened since are held too
+            for pump in pumps:  # again each time: streams opened since are held too
                 pump.hold_source(True)
         elif self.over_budget and total <= limit * 3 // 4:
             self.over_budget = False
@@ -356,73 +354,31 @@ class RelayExit(Daemon):
                 "buffered bytes back under --max-buffered; streams read again",
                 extra={"fields": {"buffered": total, "limit": limit}},
             )
-            for pump in tunnels:
+            for pump in pumps:
                 pump.hold_source(False)
         return total
 
     # -- sessions -------------------------------------------------------------------------
-    def register(self, session: ExitSession) -> None:
-        self.sessions[session.session_id] = session
-        self._session_of[session.pump] = session.session_id
-
-    def carrier_lost(self, pump: TunnelPump, why: str) -> bool:
-        """Park the session: keep the destination open for the worker to come back."""
-        sid = self._session_of.get(pump)
-        if sid is None or self._stopping:
+    def park(self, session: ExitMux) -> bool:
+        """Keep a session whose carriers all died for the worker to come back; False when
+        too many are parked already (the session then ends)."""
+        if self._stopping:
             return False
         if self.parked >= self.settings.max_parked:
             self.metrics.limit_hits.labels("parked").inc()
-            log.warning("too many parked sessions; resetting a stream whose carrier died")
+            log.warning("too many parked sessions; ending one whose carriers died")
             return False
-        session = self.sessions[sid]
-        session.conn = None
-        self._park(session)
-        log.info(
-            "session parked",
-            extra={
-                "fields": {
-                    "stream": pump.info.stream_id,
-                    "key": pump.info.key_id,
-                    "dest": pump.info.destination,
-                    "why": why,
-                }
-            },
-        )
-        return True
-
-    def _park(self, session: ExitSession) -> None:
-        if session.expiry is not None:
-            return
         self.parked += 1
         self.metrics.parked.inc()
-        session.parked_at = time.monotonic()
-        loop = asyncio.get_running_loop()
-        session.expiry = loop.call_later(self.settings.resume_timeout, self._expire, session)
+        return True
 
-    def unpark(self, session: ExitSession) -> float:
-        """Take a session out of the parking; returns how long it waited."""
-        if session.expiry is None:
-            return 0.0
-        session.expiry.cancel()
-        session.expiry = None
+    def unparked(self) -> None:
         self.parked -= 1
         self.metrics.parked.dec()
-        return time.monotonic() - session.parked_at
 
-    def _expire(self, session: ExitSession) -> None:
-        session.expiry = None
-        self.parked -= 1
-        self.metrics.parked.dec()
-        self.metrics.resumes.labels("expired").inc()
-        timeout = self.settings.resume_timeout
-        session.pump.abandon(PARK_EXPIRED, f"no resume within {timeout:.0f}s")
-
-    def forget(self, pump: TunnelPump) -> None:
-        sid = self._session_of.pop(pump, None)
-        session = self.sessions.pop(sid, None) if sid is not None else None
-        if session is None:
+    def forget(self, session: ExitMux) -> None:
+        if self.sessions.pop(session.session_id, None) is None:
             return
-        self.unpark(session)
         self._expired[session.session_id] = None
         while len(self._expired) > EXPIRED_REMEMBERED:
             self._expired.popitem(last=False)
@@ -431,11 +387,12 @@ class RelayExit(Daemon):
         return session_id in self._expired
 
     async def drain(self, timeout: float) -> None:
-        """Warm carriers close at once: their workers take new streams elsewhere."""
+        """Stop accepting, ask every worker (GOAWAY) to open new streams elsewhere, and give
+        the streams open here ``timeout`` seconds to finish."""
         if self._server is not None:
             self._server.close()
-        for conn in list(self.warm):
-            conn.close_warm()
+        for session in list(self.sessions.values()):
+            session.driver.session.goaway("exit draining")
         await super().drain(timeout)
 
     async def stop(self) -> None:
@@ -444,12 +401,18 @@ class RelayExit(Daemon):
             self.group.close()
         if self._budget_task is not None:
             self._budget_task.cancel()
+        for session in list(self.sessions.values()):
+            session.end("exit stopping")
         await super().stop()
 
-    def stream_done(self, pump: Union[TunnelPump, RawPump], result: str) -> None:
+    def stream_done(self, pump: Union[MuxPump, RawPump], result: str) -> None:
+        if result == PROTOCOL_ERROR:
+            self.metrics.protocol_errors.labels("stream").inc()
+        if pump not in self.pumps:
+            # Ended while the exit was still dialling (reset by the worker, or broken): its
+            # slot is released where it was reserved, not here as well.
+            return
         super().stream_done(pump, result)
-        if isinstance(pump, TunnelPump):
-            self.forget(pump)
         self._key_done(pump.info.key_id)
 
 
@@ -462,23 +425,277 @@ EXPIRED_REMEMBERED = 10000
 """Ended sessions remembered, so a late resume is reported as expired, not unknown."""
 
 
-class ExitSession:
-    """A tunnelled stream the worker may resume: its pump, key and parking state."""
+class ExitMux:
+    """One worker's session: its carriers, its multiplexed streams and its parking."""
 
-    __slots__ = ("conn", "expiry", "key", "key_id", "parked_at", "pump", "session_id")
-
-    def __init__(self, session_id: bytes, key_id: str, key: bytes, pump: TunnelPump) -> None:
+    def __init__(
+        self, relay_exit: RelayExit, session_id: bytes, key_id: str, key: bytes, heartbeat: float
+    ) -> None:
+        self.exit = relay_exit
         self.session_id = session_id
         self.key_id = key_id
         self.key = key
-        self.pump = pump
-        self.conn: Optional[ExitConnection] = None
-        self.parked_at = 0.0
-        self.expiry: Optional[asyncio.TimerHandle] = None
+        s = relay_exit.settings
+        loop = asyncio.get_running_loop()
+        session = ms.Session(
+            ms.EXIT,
+            heartbeat=heartbeat,
+            now=loop.time(),
+            misses=s.heartbeat_misses,
+            window=s.replay_buffer,
+            tombstone_ttl=s.resume_timeout,
+        )
+        self.driver = MuxDriver(
+            session,
+            relay_exit.metrics,
+            on_open=self._on_open,
+            on_link_lost=self._link_lost,
+            on_resumed=self._resumed,
+        )
+        self.conns: dict[int, ExitConnection] = {}
+        self._next_cid = 1
+        self.parked_at: Optional[float] = None
+        self._expiry: Optional[asyncio.TimerHandle] = None
+        self._tasks: set[asyncio.Future[None]] = set()
+        self.ended = False
+        relay_exit.sessions[session_id] = self
+
+    def join(self, conn: ExitConnection, worker_nonce: bytes, exit_nonce: bytes) -> int:
+        """A carrier joined (the first one, a further one, or a resume)."""
+        assert conn.transport is not None
+        cid = self._next_cid
+        self._next_cid += 1
+        self.conns[cid] = conn
+        to_exit, to_worker = seal.derive_keys(self.key, worker_nonce, exit_nonce)
+        gap = self._unpark()
+        self.driver.add_link(
+            cid, conn.transport, seal.Sealer(to_worker), seal.Unsealer(to_exit), b""
+        )
+        if gap is not None:
+            log.info(
+                "session resumed",
+                extra={
+                    "fields": {
+                        "key": self.key_id,
+                        "gap": round(gap, 3),
+                        "streams": len(self.driver.pumps),
+                    }
+                },
+            )
+        return cid
+
+    def _link_lost(self, cid: int, why: str) -> None:
+        conn = self.conns.pop(cid, None)
+        if conn is not None:
+            conn.mux = None
+            self.exit.carrier_ended(self.key_id)
+            if conn.transport is not None and not conn.closed:
+                conn.transport.abort()
+        if self.conns or self.ended:
+            return
+        if not self.driver.pumps and not self.driver.session.streams:
+            self.end("")  # nothing to come back for
+            return
+        if not self.exit.park(self):
+            self.end("too many parked sessions")
+            return
+        self.parked_at = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self._expiry = loop.call_later(self.exit.settings.resume_timeout, self._expire)
+        log.info(
+            "session parked",
+            extra={"fields": {"key": self.key_id, "streams": len(self.driver.pumps), "why": why}},
+        )
+
+    def _unpark(self) -> Optional[float]:
+        if self.parked_at is None:
+            return None
+        gap = time.monotonic() - self.parked_at
+        self.parked_at = None
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self.exit.unparked()
+        return gap
+
+    def _expire(self) -> None:
+        self._expiry = None
+        self.exit.metrics.resumes.labels("expired").inc()
+        timeout = self.exit.settings.resume_timeout
+        self.end(f"no resume within {timeout:.0f}s", PARK_EXPIRED)
+
+    def end(self, why: str, result: str = "shutdown") -> None:
+        """The session is over: reset its streams, close its carriers."""
+        if self.ended:
+            return
+        self.ended = True
+        self._unpark()
+        for task in self._tasks:
+            task.cancel()
+        conns = list(self.conns.values())
+        self.conns.clear()
+        for conn in conns:
+            conn.mux = None
+            self.exit.carrier_ended(self.key_id)
+        self.driver.close(why or "session ended", result)
+        self.exit.forget(self)
+
+    def _resumed(self, sid: int, cid: int) -> None:
+        """The worker moved a stream here from a lost carrier (one resume per stream)."""
+        self.exit.metrics.resumes.labels("ok").inc()
+        pump = self.driver.pumps.get(sid)
+        if pump is not None:
+            log.debug(
+                "stream moved", extra={"fields": {"stream": pump.info.stream_id, "carrier": cid}}
+            )
+
+    # -- streams --------------------------------------------------------------------------
+    def _on_open(self, sid: int, address: bytes) -> None:
+        # The pump exists from now on, so that optimistic bytes arriving while the exit
+        # dials are kept for the destination.
+        info = StreamInfo(os.urandom(4).hex(), "?", self.key_id)
+        pump = MuxPump(self.driver, sid, info, plain_is_client=False, on_done=self.exit.stream_done)
+        task = asyncio.ensure_future(self._open(pump, address))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _refuse(self, pump: MuxPump, code: int, result: str, dest: str, why: str) -> None:
+        pump.discard()
+        sid = pump.sid
+        self.exit.metrics.streams.labels(result).inc()
+        log.info(
+            "stream refused",
+            extra={
+                "fields": {
+                    "key": self.key_id,
+                    "dest": dest,
+                    "result": result,
+                    "reason": why or s5.REPLY_NAMES.get(code, ""),
+                }
+            },
+        )
+        self.driver.session.answer(sid, code)
+
+    async def _open(self, pump: MuxPump, address: bytes) -> None:
+        relay_exit = self.exit
+        sid = pump.sid
+        started = time.monotonic()
+        settings = relay_exit.settings
+        try:
+            host, port, atyp = s5.decode_address(address)
+        except s5.Socks5Error as exc:
+            relay_exit.metrics.protocol_errors.labels("open").inc()
+            self._refuse(pump, exc.reply, "bad-address", "?", str(exc))
+            return
+        dest_name = _fmt((host, port))
+        full = relay_exit.reserve_stream(self.key_id)
+        if full is not None:
+            relay_exit.metrics.limit_hits.labels(full).inc()
+            why = "too many streams" if full == "streams" else "too many streams for this key"
+            log.warning(
+                "stream limit reached", extra={"fields": {"key": self.key_id, "limit": full}}
+            )
+            self._refuse(pump, s5.GENERAL_FAILURE, "limit", dest_name, why)
+            return
+        slot = True
+        try:
+            try:
+                addresses = await resolve(relay_exit, host, port, atyp)
+            except _Refusal as refusal:
+                self._refuse(pump, refusal.code, refusal.result, dest_name, refusal.why)
+                return
+            dest, error = None, None
+            loop = asyncio.get_running_loop()
+            for candidate in addresses:
+                try:
+                    dest = await asyncio.wait_for(
+                        loop.create_connection(PlainProtocol, candidate, port),
+                        settings.connect_timeout,
+                    )
+                    break
+                except (OSError, asyncio.TimeoutError) as exc:
+                    error = exc
+            if pump.done is not None or self.ended:
+                if dest is not None:
+                    dest[0].close()
+                pump.discard()
+                return  # the worker reset the stream while we dialled
+            if self.key_id not in settings.keys:  # revoked by a reload while we connected
+                if dest is not None:
+                    dest[0].close()
+                self._refuse(pump, s5.GENERAL_FAILURE, "revoked", dest_name, "key revoked")
+                return
+            if dest is None:
+                code, why = _connect_error(error)
+                self._refuse(pump, code, "connect-failed", dest_name, why)
+                return
+            transport, protocol = dest
+            dest_sock = transport_socket(transport)
+            set_keepalive(dest_sock, settings.tcp_keepalive)
+            set_nodelay(dest_sock)
+            bound = transport.get_extra_info("sockname") or ("0.0.0.0", 0)
+            info = pump.info
+            info.destination = dest_name
+            info.started = time.monotonic()
+            relay_exit.pumps.add(pump)
+            relay_exit.stream_started()
+            slot = False
+            pump.attach_plain(protocol)
+            if relay_exit.over_budget:
+                pump.hold_source(True)
+            self.driver.session.answer(sid, s5.SUCCEEDED, s5.encode_address(*bound[:2]))
+            relay_exit.metrics.handshake.observe(time.monotonic() - started)
+            log.debug(
+                "stream open",
+                extra={"fields": {"stream": info.stream_id, "key": self.key_id, "dest": dest_name}},
+            )
+        finally:
+            if slot:
+                relay_exit.release_stream(self.key_id)
+                pump.discard()
+
+
+async def resolve(relay_exit: RelayExit, host: str, port: int, atyp: int) -> list[str]:
+    """Resolve once, keep only addresses the policy allows; these are what gets dialled."""
+    policy = relay_exit.settings.policy
+    metrics = relay_exit.metrics
+    if atyp != s5.ATYP_DOMAIN:
+        decision = policy.check(host, port)
+        if not decision.allowed:
+            raise _denied(metrics, decision.reason)
+        return [host]
+    if not policy.may_allow_name(host, port):
+        raise _denied(metrics, "no_rule")
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP),
+            relay_exit.settings.connect_timeout,
+        )
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise _Refusal(s5.HOST_UNREACHABLE, "unresolved", f"cannot resolve: {exc}") from None
+    allowed: list[str] = []
+    first_reason = ""
+    for info in infos:
+        address = str(info[4][0])
+        decision = policy.check(address, port, host)
+        if decision.allowed:
+            if address not in allowed:
+                allowed.append(address)
+        elif not first_reason:
+            first_reason = decision.reason
+    if not allowed:
+        raise _denied(metrics, first_reason or "no_rule")
+    return allowed
+
+
+def _denied(metrics: Metrics, reason: str) -> _Refusal:
+    metrics.policy_denials.labels(reason).inc()
+    return _Refusal(s5.NOT_ALLOWED, "denied", f"policy: {reason}")
 
 
 class ExitConnection(PlainProtocol):
-    """One accepted connection: handshake first, then the carrier of one tunnelled stream
+    """One accepted connection: the handshake first, then a carrier of its worker's session
     (or, for an allowed plain SOCKS5 client, one side of a raw relay)."""
 
     def __init__(self, relay_exit: RelayExit, adopted: Optional[ho.Handoff] = None) -> None:
@@ -486,18 +703,14 @@ class ExitConnection(PlainProtocol):
         self.exit = relay_exit
         self.metrics = relay_exit.metrics
         self.socks = s5.Socks5Server({hl.METHOD_TUNNEL: hl.decode_hello})
-        self.tunnel: Optional[TunnelPump] = None
+        self.mux: Optional[ExitMux] = None
+        self.cid = 0
         self.key_id = ""
-        self.heartbeat_ms = 0
-        self.session_id = hl.NEW_SESSION
-        self.session_key = b""
         self.in_handshake = True
-        self.warm = False  # authenticated, waiting for its CONNECT with keep-warms
         self.started = 0.0
         self._timer: Optional[asyncio.TimerHandle] = None
         self._task: Optional[asyncio.Future[None]] = None
         self._corked: Optional[list[bytes]] = None
-        self._slot = False  # holds a reserved stream slot of RelayExit
         self._received = 0  # bytes received during the handshake
         # A --workers process keeps the handshake bytes until it knows whether the HELLO is
         # its own; a connection a sibling handed over is never handed on again.
@@ -521,20 +734,21 @@ class ExitConnection(PlainProtocol):
         sock = transport_socket(transport)
         set_keepalive(sock, relay_exit.settings.tcp_keepalive)
         set_nodelay(sock)
+        set_notsent_lowat(sock, CARRIER_NOTSENT_LOWAT)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(relay_exit.settings.handshake_timeout, self._timed_out)
         if self.adopted is not None:
             self.data_received(self.adopted.data)
 
     def data_received(self, data: bytes) -> None:
-        if self.tunnel is not None:
-            self.tunnel.carrier_data(data)
+        if self.mux is not None:
+            self.mux.driver.link_data(self.cid, data)
         elif self.in_handshake:
             self._received += len(data)
             if self._received > HANDSHAKE_BYTES_MAX:
                 self.metrics.limit_hits.labels("handshake-bytes").inc()
                 log.warning(
-                    "too many bytes before the stream started; closing",
+                    "too many bytes before the handshake ended; closing",
                     extra={"fields": {"peer": self._peer(), "bytes": self._received}},
                 )
                 self._end_handshake()
@@ -547,11 +761,8 @@ class ExitConnection(PlainProtocol):
             super().data_received(data)
 
     def eof_received(self) -> bool:
-        if self.tunnel is not None:
-            self.tunnel.carrier_lost("carrier closed without FIN", self.transport)
-            return False
-        if self.warm:  # the worker no longer needs it: not an error
-            self._close_with(None)
+        if self.mux is not None:
+            self.mux.driver.drop_link(self.cid, "carrier closed by the worker")
             return False
         if self.in_handshake:
             self._fail("handshake", "peer closed during handshake")
@@ -562,20 +773,20 @@ class ExitConnection(PlainProtocol):
         self.closed = True
         self.exit.connections.discard(self)
         self._end_handshake()
-        if self.tunnel is not None:
-            self.tunnel.carrier_lost(str(exc) if exc else "carrier closed", self.transport)
-        elif not self.in_handshake:
+        if self.mux is not None:
+            self.mux.driver.drop_link(self.cid, str(exc) if exc else "carrier closed")
+        elif not self.in_handshake and self._task is None:
             super().connection_lost(exc)
 
     def pause_writing(self) -> None:
-        if self.tunnel is not None and self.tunnel.carrier is self.transport:
-            self.tunnel.carrier_pause_writing()
+        if self.mux is not None:
+            self.mux.driver.pause_link(self.cid)
         else:
             super().pause_writing()
 
     def resume_writing(self) -> None:
-        if self.tunnel is not None and self.tunnel.carrier is self.transport:
-            self.tunnel.carrier_resume_writing()
+        if self.mux is not None:
+            self.mux.driver.resume_link(self.cid)
         else:
             super().resume_writing()
 
@@ -601,67 +812,19 @@ class ExitConnection(PlainProtocol):
         log.info(
             "TLS failed on a carrier", extra={"fields": {"peer": self._peer(), "why": str(exc)}}
         )
-        # The link closes; connection_lost then parks or ends the stream as for any loss.
+        # The link closes; connection_lost then moves the carrier's streams as for any loss.
 
     def _end_handshake(self) -> None:
         self.exit.unauthenticated.pop(self, None)
         if self.in_handshake:
             self.in_handshake = False
-            if self.warm:
-                self.warm = False
-                self.exit.warm_ended(self)
-            else:
-                self.exit.handshakes -= 1
+            self.exit.handshakes -= 1
         self._cancel_timer()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-    def close_warm(self) -> None:
-        """Close a warm carrier (drain, key revoked): the worker replaces it."""
-        self._close_with(None)
-
-    def _keep_warm(self, request: s5.Request) -> bool:
-        """Answer a keep-warm and wait for the next request, at most heartbeat * misses."""
-        relay_exit = self.exit
-        if not self.warm:
-            full = relay_exit.warm_started(self)
-            if full is not None:
-                self.metrics.limit_hits.labels(full).inc()
-                log.warning(
-                    "warm carrier limit reached; refusing a keep-warm",
-                    extra={"fields": {"key": self.key_id, "limit": full, "peer": self._peer()}},
-                )
-                self._close_with(self.socks.reply(s5.GENERAL_FAILURE))
-                return False
-            self.warm = True
-            relay_exit.handshakes -= 1
-        self._write(self.socks.keep_warm_reply())
-        self._received = 0  # a warm carrier may send keep-warms for as long as it likes
-        self._cancel_timer()
-        wait = self.heartbeat_ms / 1000 * relay_exit.settings.heartbeat_misses
-        self._timer = asyncio.get_running_loop().call_later(wait, self._warm_timed_out)
-        return True
-
-    def _leave_warm(self) -> None:
-        """The CONNECT came: from here on a handshake again, with the handshake timeout."""
-        relay_exit = self.exit
-        self.warm = False
-        relay_exit.warm_ended(self)
-        relay_exit.handshakes += 1
-        self.started = time.monotonic()
-        self._cancel_timer()
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(relay_exit.settings.handshake_timeout, self._timed_out)
-
-    def _warm_timed_out(self) -> None:
-        self._timer = None
-        self.metrics.protocol_errors.labels("warm-timeout").inc()
-        log.info("warm carrier sent no keep-warm in time", extra={"fields": {"peer": self._peer()}})
-        self._end_handshake()
-        self.abort()
 
     def _timed_out(self) -> None:
         self._timer = None
@@ -776,34 +939,22 @@ class ExitConnection(PlainProtocol):
             self.exit.unauthenticated.pop(self, None)
             return True
         if isinstance(event, s5.Request):
-            if event.command == s5.CMD_KEEP_WARM and self._may_keep_warm(event):
-                return self._keep_warm(event)
             if event.command != s5.CMD_CONNECT:
-                self._refuse(s5.COMMAND_NOT_SUPPORTED, "command-not-supported", event)
+                self._refuse_plain(s5.COMMAND_NOT_SUPPORTED, "command-not-supported", event)
                 return False
-            if self.warm:
-                self._leave_warm()
             self.transport.pause_reading()
-            self._task = asyncio.ensure_future(self._connect_guarded(event))
+            self._task = asyncio.ensure_future(self._connect_plain_guarded(event))
             return False
         return False
-
-    def _may_keep_warm(self, request: s5.Request) -> bool:
-        """Keep-warm is for tunnel carriers whose HELLO succeeded, with address 0.0.0.0:0."""
-        return (
-            self.socks.method == hl.METHOD_TUNNEL
-            and self.session_id != hl.NEW_SESSION
-            and (request.atyp, request.host, request.port) == (s5.ATYP_IPV4, "0.0.0.0", 0)
-        )
 
     def _on_hello(self, hello: hl.Hello) -> bool:
         assert self.transport is not None
         settings = self.exit.settings
-        secret = settings.keys.get(hello.key_id)
         if hello.is_resume:
             if self._hand_off(hello, ho.KIND_RESUME):
                 return False
-            return self._on_resume(hello)
+            return self._on_join(hello)
+        secret = settings.keys.get(hello.key_id)
         if secret is None:
             return self._hello_refused(hello, hl.BAD_AUTH, "unknown-key")
         if not hl.verify_hello(hello, secret):
@@ -815,33 +966,34 @@ class ExitConnection(PlainProtocol):
         if status != hl.OK:
             reason = {hl.CLOCK_SKEW: "clock-skew", hl.REPLAY: "replay"}.get(status, "busy")
             return self._hello_refused(hello, status, reason)
-        self.key_id = hello.key_id
-        self.exit.unauthenticated.pop(self, None)
+        if not self._carrier_room(hello):
+            return False
         ours = int(settings.heartbeat * 1000)
-        self.heartbeat_ms = max(MIN_HEARTBEAT_MS, min(ours, hello.heartbeat_ms or ours))
+        heartbeat_ms = max(MIN_HEARTBEAT_MS, min(ours, hello.heartbeat_ms or ours))
         group = self.exit.group
         session_id = group.new_session_id() if group is not None else os.urandom(16)
         nonce = os.urandom(hl.NONCE_SIZE)
-        self.session_id = session_id
-        self.session_key = hl.session_key(secret, hello.nonce, nonce, session_id)
+        key = hl.session_key(secret, hello.nonce, nonce, session_id)
         self._write(
-            hl.encode_reply(
-                secret, hello.mac, hl.OK, session_id, 0, self.heartbeat_ms, nonce, now_ms
-            )
+            hl.encode_reply(secret, hello.mac, hl.OK, session_id, 0, heartbeat_ms, nonce, now_ms)
         )
-        self.socks.subnegotiation_done(True)
-        return True
+        mux = ExitMux(self.exit, session_id, hello.key_id, key, heartbeat_ms / 1000)
+        log.info(
+            "session open",
+            extra={"fields": {"peer": self._peer(), "key": hello.key_id}},
+        )
+        self._start_carrier(mux, hello, nonce)
+        return False
 
-    def _on_resume(self, hello: hl.Hello) -> bool:
-        """A worker wants its session back on this new carrier."""
-        assert self.transport is not None
+    def _on_join(self, hello: hl.Hello) -> bool:
+        """A further carrier of a session, or a resume after its carriers died."""
         relay_exit = self.exit
-        session = relay_exit.sessions.get(hello.session_id)
-        if session is None or session.pump.done is not None:
+        mux = relay_exit.sessions.get(hello.session_id)
+        if mux is None or mux.ended:
             result = "expired" if relay_exit.was_expired(hello.session_id) else "unknown"
             self.metrics.resumes.labels(result).inc()
             return self._hello_refused(hello, hl.UNKNOWN_SESSION, f"resume-{result}")
-        if session.key_id != hello.key_id or not hl.verify_hello(hello, session.key):
+        if mux.key_id != hello.key_id or not hl.verify_hello(hello, mux.key):
             self.metrics.resumes.labels("bad-auth").inc()
             return self._hello_refused(hello, hl.BAD_AUTH, "resume-bad-mac")
         now_ms = int(time.time() * 1000)
@@ -850,35 +1002,42 @@ class ExitConnection(PlainProtocol):
             reason = {hl.CLOCK_SKEW: "clock-skew", hl.REPLAY: "replay"}.get(status, "busy")
             self.metrics.resumes.labels(reason).inc()
             return self._hello_refused(hello, status, f"resume-{reason}")
-        pump = session.pump
-        if pump.carrier is not None:
-            # The old carrier is dead but we have not noticed yet (black-holed): replace it.
-            old = session.conn
-            pump.carrier_lost("replaced by a resume")
-            if old is not None:
-                old.tunnel = None
-                old.abort()
-            if pump.done is not None:
-                self.metrics.resumes.labels("unknown").inc()
-                return self._hello_refused(hello, hl.UNKNOWN_SESSION, "resume-unknown")
-        gap = relay_exit.unpark(session)
-        self.key_id = hello.key_id
-        self._end_handshake()
-        heartbeat_ms = int(pump.stream.heartbeat * 1000)
+        if not self._carrier_room(hello):
+            return False
+        nonce = os.urandom(hl.NONCE_SIZE)
+        heartbeat_ms = int(mux.driver.session.heartbeat * 1000)
         self._write(
             hl.encode_reply(
-                session.key, hello.mac, hl.OK, session.session_id, pump.stream.recv_offset,
-                heartbeat_ms, os.urandom(hl.NONCE_SIZE), now_ms,
+                mux.key, hello.mac, hl.OK, mux.session_id, 0, heartbeat_ms, nonce, now_ms
             )
-        )  # fmt: skip
-        session.conn = self
-        self.tunnel = pump
-        replayed = pump.attach_carrier(
-            self.transport, self.socks.trailing(), hello.recv_offset, self._take_corked()
         )
-        self.metrics.resumes.labels("ok").inc()
-        pump.info.log_resumed(gap, replayed, pump.stream.recv_offset)
+        self._start_carrier(mux, hello, nonce)
         return False
+
+    def _carrier_room(self, hello: hl.Hello) -> bool:
+        full = self.exit.carrier_full(hello.key_id)
+        if full is None:
+            return True
+        self.metrics.limit_hits.labels(full).inc()
+        log.warning(
+            "carrier limit reached; refusing a HELLO",
+            extra={"fields": {"key": hello.key_id, "limit": full, "peer": self._peer()}},
+        )
+        self._hello_refused(hello, hl.BUSY, full, auth_failure=False)
+        return False
+
+    def _start_carrier(self, mux: ExitMux, hello: hl.Hello, exit_nonce: bytes) -> None:
+        """The HELLO is answered: from here on the connection is one of ``mux``'s carriers."""
+        self.key_id = hello.key_id
+        self.metrics.carrier_handshake.observe(time.monotonic() - self.started)
+        self._end_handshake()
+        self._flush()  # the method choice and the HELLO reply, in one segment
+        self.exit.carrier_started(hello.key_id)
+        self.mux = mux
+        self.cid = mux.join(self, hello.nonce, exit_nonce)
+        early = self.socks.trailing()
+        if early and self.mux is not None:
+            self.mux.driver.link_data(self.cid, early)
 
     def _hand_off(self, hello: hl.Hello, kind: int) -> bool:
         """Pass the connection to the sibling that owns this HELLO; False if it is ours."""
@@ -921,8 +1080,13 @@ class ExitConnection(PlainProtocol):
         )
         return True
 
-    def _hello_refused(self, hello: hl.Hello, status: int, reason: str) -> bool:
-        self.metrics.auth_failures.labels(reason).inc()
+    def _hello_refused(
+        self, hello: hl.Hello, status: int, reason: str, auth_failure: bool = True
+    ) -> bool:
+        """Answer the HELLO with a failure and close; a limit (``auth_failure`` False) is
+        counted in relay_limit_hits_total only, as the HELLO itself was good."""
+        if auth_failure:
+            self.metrics.auth_failures.labels(reason).inc()
         log.info(
             "HELLO refused",
             extra={"fields": {"peer": self._peer(), "key": hello.key_id, "reason": reason}},
@@ -931,7 +1095,7 @@ class ExitConnection(PlainProtocol):
         self._close_with(hl.encode_reply(None, hello.mac, status))
         return False
 
-    def _refuse(self, code: int, result: str, request: s5.Request, why: str = "") -> None:
+    def _refuse_plain(self, code: int, result: str, request: s5.Request, why: str = "") -> None:
         self.metrics.streams.labels(result).inc()
         log.info(
             "stream refused",
@@ -947,39 +1111,35 @@ class ExitConnection(PlainProtocol):
         )
         self._close_with(self.socks.reply(code))
 
-    async def _connect_guarded(self, request: s5.Request) -> None:
+    async def _connect_plain_guarded(self, request: s5.Request) -> None:
+        relay_exit = self.exit
+        full = relay_exit.reserve_stream(self.key_id)
+        if full is not None:
+            self.metrics.limit_hits.labels(full).inc()
+            self._refuse_plain(s5.GENERAL_FAILURE, "limit", request, "too many streams")
+            return
+        slot = True
         try:
-            await self._connect(request)
+            slot = not await self._connect_plain(request)
         except Exception:
             log.exception("stream set-up failed", extra={"fields": {"peer": self._peer()}})
             self.metrics.streams.labels("error").inc()
             self._end_handshake()
             self.abort()
         finally:
-            if self._slot:
-                self._slot = False
-                self.exit.release_stream(self.key_id)
+            if slot:
+                relay_exit.release_stream(self.key_id)
 
-    async def _connect(self, request: s5.Request) -> None:
+    async def _connect_plain(self, request: s5.Request) -> bool:
+        """A plain SOCKS5 client's CONNECT (``allow_plain``): relayed raw. True if started."""
         relay_exit = self.exit
         settings = relay_exit.settings
-        full = relay_exit.reserve_stream(self.key_id)
-        if full is not None:
-            self.metrics.limit_hits.labels(full).inc()
-            why = "too many streams" if full == "streams" else "too many streams for this key"
-            log.warning(
-                "stream limit reached",
-                extra={"fields": {"key": self.key_id, "limit": full, "peer": self._peer()}},
-            )
-            self._refuse(s5.GENERAL_FAILURE, "limit", request, why)
-            return
-        self._slot = True
         try:
-            addresses = await self._resolve(request)
+            addresses = await resolve(relay_exit, request.host, request.port, request.atyp)
         except _Refusal as refusal:
             if not self.closed:
-                self._refuse(refusal.code, refusal.result, request, refusal.why)
-            return
+                self._refuse_plain(refusal.code, refusal.result, request, refusal.why)
+            return False
         dest, error = None, None
         loop = asyncio.get_running_loop()
         for address in addresses:
@@ -994,118 +1154,33 @@ class ExitConnection(PlainProtocol):
         if self.closed:
             if dest is not None:
                 dest[0].close()
-            return
-        if self.key_id not in settings.keys:  # revoked by a reload while we connected
-            if dest is not None:
-                dest[0].close()
-            self._refuse(s5.GENERAL_FAILURE, "revoked", request, "key revoked")
-            return
+            return False
         if dest is None:
             code, why = _connect_error(error)
-            self._refuse(code, "connect-failed", request, why)
-            return
+            self._refuse_plain(code, "connect-failed", request, why)
+            return False
         transport, protocol = dest
-        dest_sock = transport_socket(transport)
-        set_keepalive(dest_sock, settings.tcp_keepalive)
-        set_nodelay(dest_sock)
+        set_keepalive(transport_socket(transport), settings.tcp_keepalive)
+        set_nodelay(transport_socket(transport))
         bound = transport.get_extra_info("sockname") or ("0.0.0.0", 0)
-        self._start_data_phase(request, transport, protocol, bound)
-
-    async def _resolve(self, request: s5.Request) -> list[str]:
-        """Resolve once, keep only addresses the policy allows; these are what gets dialled."""
-        policy = self.exit.settings.policy
-        port = request.port
-        if request.atyp != s5.ATYP_DOMAIN:
-            decision = policy.check(request.host, port)
-            if not decision.allowed:
-                raise self._denied(decision.reason)
-            return [request.host]
-        name = request.host
-        if not policy.may_allow_name(name, port):
-            raise self._denied("no_rule")
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await asyncio.wait_for(
-                loop.getaddrinfo(name, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP),
-                self.exit.settings.connect_timeout,
-            )
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise _Refusal(s5.HOST_UNREACHABLE, "unresolved", f"cannot resolve: {exc}") from None
-        allowed: list[str] = []
-        first_reason = ""
-        for info in infos:
-            address = str(info[4][0])
-            decision = policy.check(address, port, name)
-            if decision.allowed:
-                if address not in allowed:
-                    allowed.append(address)
-            elif not first_reason:
-                first_reason = decision.reason
-        if not allowed:
-            raise self._denied(first_reason or "no_rule")
-        return allowed
-
-    def _denied(self, reason: str) -> _Refusal:
-        self.metrics.policy_denials.labels(reason).inc()
-        return _Refusal(s5.NOT_ALLOWED, "denied", f"policy: {reason}")
-
-    def _start_data_phase(
-        self, request: s5.Request, transport: asyncio.Transport, dest: PlainProtocol, bound: Any
-    ) -> None:
         assert self.transport is not None
-        relay_exit = self.exit
-        settings = relay_exit.settings
         self._write(self.socks.reply(s5.SUCCEEDED, str(bound[0]), int(bound[1])))
-        preface = self._take_corked()
+        self._flush()
         self.metrics.handshake.observe(time.monotonic() - self.started)
         self._end_handshake()
         early = self.socks.trailing()
         info = StreamInfo(os.urandom(4).hex(), _fmt((request.host, request.port)), self.key_id)
         relay_exit.stream_started()
-        self._slot = False
-        if self.socks.method == hl.METHOD_TUNNEL:
-            loop = asyncio.get_running_loop()
-            stream = TunnelStream(
-                heartbeat=self.heartbeat_ms / 1000,
-                now=loop.time(),
-                misses=settings.heartbeat_misses,
-                replay_limit=settings.replay_buffer,
-                leads_heartbeat=False,
-            )
-            pump = TunnelPump(
-                stream,
-                info,
-                self.metrics,
-                plain_is_client=False,
-                on_done=relay_exit.stream_done,
-                on_carrier_lost=relay_exit.carrier_lost,
-                tally=relay_exit.replay_tally,
-            )
-            relay_exit.pumps.add(pump)
-            session = ExitSession(self.session_id, self.key_id, self.session_key, pump)
-            session.conn = self
-            relay_exit.register(session)
-            self.tunnel = pump
-            pump.attach_plain(dest)
-            if relay_exit.over_budget:  # no reading until the buffers drained below the budget
-                pump.hold_source(True)
-            pump.attach_carrier(self.transport, early, preface=preface)
-        else:
-            self.transport.write(preface)
-            raw = RawPump(info, self.metrics, on_done=relay_exit.stream_done)
-            relay_exit.pumps.add(raw)
-            if early:
-                transport.write(early)
-                info.up += len(early)
-            raw.attach(self, dest)
+        raw = RawPump(info, self.metrics, on_done=relay_exit.stream_done)
+        relay_exit.pumps.add(raw)
+        if early:
+            transport.write(early)
+            info.up += len(early)
+        self._task = None
+        raw.attach(self, protocol)
         if self.transport is not None:
             self.transport.resume_reading()
-        log.debug(
-            "stream open",
-            extra={
-                "fields": {"stream": info.stream_id, "key": self.key_id, "dest": info.destination}
-            },
-        )
+        return True
 
 
 def raise_nofile(wanted: int) -> int:

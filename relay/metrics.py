@@ -74,7 +74,15 @@ class Metrics:
         )
         self.handshake = Histogram(
             "relay_handshake_seconds",
-            "Time from a new stream to its CONNECT reply",
+            "Time to set up a stream: worker, from the local client's request to the exit's"
+            " answer; exit, from the OPEN to its answer (destination resolved and dialled)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.carrier_handshake = Histogram(
+            "relay_carrier_handshake_seconds",
+            "Time from a carrier's first byte to its HELLO reply (new session, further carrier"
+            " or resume)",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
@@ -106,21 +114,22 @@ class Metrics:
             ["kind", "result"],
             registry=r,
         )
-        self.warm_carriers = Gauge(
-            "relay_warm_carriers",
-            "Warm carriers (HELLO done, waiting for a stream's CONNECT) open now",
+        self.frames = Counter(
+            "relay_frames",
+            "Tunnel frames sent and received on all carriers, by direction (in, out)",
+            ["direction"],
             registry=r,
         )
-        self.stream_carriers = Counter(
-            "relay_stream_carriers",
-            "New streams by where their carrier came from (warm = taken from the warm pool)",
-            ["carrier"],
+        self.credit_stalls = Counter(
+            "relay_credit_stalls",
+            "Times a stream stopped reading its application side because the peer had not"
+            " acknowledged a window of its bytes yet (a slow reader stalls its own stream only)",
             registry=r,
         )
-        self.keep_warm_failures = Counter(
-            "relay_keep_warm_failures",
-            "Warm carriers lost or refused before a stream took them, by reason",
-            ["reason"],
+        self.streams_per_carrier = Histogram(
+            "relay_streams_per_carrier",
+            "Streams on a carrier, sampled each heartbeat",
+            buckets=(0, 1, 10, 100, 1000, 10000),
             registry=r,
         )
         self.ssh_active = Gauge(

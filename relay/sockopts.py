@@ -72,3 +72,15 @@ def abort_with_reset(transport: Any) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
+
+
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+
+
+def set_notsent_lowat(sock: Optional[socket.socket], limit: int) -> None:
+    """Let the kernel hold at most ``limit`` unsent bytes: the scheduler above it, not the
+    socket buffer, decides the order of frames."""
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, limit)

@@ -1,8 +1,10 @@
-"""relay-worker: the compute node's local SOCKS5 listener, carrying each stream to the exit."""
+"""relay-worker: the compute node's local listeners, multiplexing every stream onto a few
+long-lived carriers per exit (protocol v2, docs/PROTOCOL.md)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -15,36 +17,22 @@ from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, Pr
 from python_socks.async_.asyncio import Proxy
 
 from relay.addresses import format_hostport
-from relay.carrier import (
-    Opened,
-    SshCarrier,
-    TcpCarrier,
-    TunnelRefused,
-    new_opener,
-    resume_opener,
-)
+from relay.carrier import SshCarrier, TcpCarrier, TunnelRefused, carrier_opener
 from relay.daemon import Daemon
 from relay.listeners import Listeners, Socks5Connection
 from relay.loopbound import LoopBound
 from relay.metrics import Metrics
-from relay.proto import ProtocolError
+from relay.muxpump import MuxDriver, MuxPump
+from relay.proto import ProtocolError, mux
 from relay.proto import hello as hl
+from relay.proto import session as ms
 from relay.proto import socks5 as s5
-from relay.proto.stream import TunnelStream
-from relay.pump import (
-    REFUSED,
-    RESUME_FAILED,
-    UNCONFIRMED_BYTES,
-    PlainProtocol,
-    RawPump,
-    StreamInfo,
-    TunnelPump,
-)
+from relay.proto.opener import Established
+from relay.pump import REFUSED, RESUME_FAILED, PlainProtocol, RawPump, StreamInfo
 from relay.secrets import load_secret, load_userpass
-from relay.sockopts import set_keepalive, set_nodelay, transport_socket
+from relay.sockopts import abort_with_reset, set_keepalive, set_nodelay, transport_socket
 from relay.sshhop import Login, SshHop, SshUnavailable
 from relay.tlslink import TlsClient, TlsError, TlsVerifyError, client_context, connect_tls
-from relay.warm import WarmPool
 
 log = logging.getLogger("relay.worker")
 
@@ -75,8 +63,8 @@ class WorkerSettings:
         self.reconnect_max: float = kwargs.pop("reconnect_max", 30.0)
         self.ssh_connect_rate: float = kwargs.pop("ssh_connect_rate", 4.0)
         self.resume_timeout: float = kwargs.pop("resume_timeout", 600.0)
-        # Warm carriers kept per exit (0 = off), see relay.warm.
-        self.warm_carriers: int = kwargs.pop("warm_carriers", 2)
+        # Carriers kept open to each exit; every stream is multiplexed on them.
+        self.carriers: int = kwargs.pop("carriers", 2)
         self.tcp_keepalive: float = kwargs.pop("tcp_keepalive", 60.0)
         self.replay_buffer: int = kwargs.pop("replay_buffer", 4 * 1024 * 1024)
         # Answer local clients at once and send their first bytes behind the CONNECT.
@@ -119,7 +107,7 @@ class WorkerSettings:
             reconnect_max=cfg.reconnect_max,
             ssh_connect_rate=cfg.ssh_connect_rate,
             resume_timeout=cfg.resume_timeout,
-            warm_carriers=cfg.warm_carriers,
+            carriers=cfg.carriers,
             tcp_keepalive=cfg.tcp_keepalive,
             replay_buffer=cfg.replay_buffer,
             optimistic=not cfg.no_optimistic,
@@ -135,24 +123,276 @@ ReplyFn = Callable[[int, str, int], None]
 """Answers the local client: (SOCKS5 reply code, bound host, bound port)."""
 
 
-EXIT_PENALTY = 30.0
-"""Seconds a new stream avoids an exit that just failed (unless every exit failed)."""
-RESUME_CONCURRENCY = 16
-"""Carriers re-opened at once after a loss; the rest wait, so a dead SSH connection
-carrying thousands of streams does not turn into a stampede."""
+class SessionGone(Exception):
+    """The exit no longer has our session (restarted, or parked too long): start anew."""
 
 
-class Session:
-    """What a stream needs to come back after its carrier died."""
+class ExitClient:
+    """The worker's session with one exit: ``--carriers`` carriers kept open (new ones
+    joining the session with its key), every stream of the worker multiplexed on them.
 
-    __slots__ = ("exit", "key", "lost_at", "session_id", "task")
+    When carriers die their streams move to the others at once; a replacement is dialled
+    with backoff and jitter (the SSH hop caps new logins per login node). When none is left
+    the streams wait, up to ``--resume-timeout``, for a carrier to come back.
+    """
 
-    def __init__(self, exit_addr: tuple[str, int], session_id: bytes, key: bytes) -> None:
+    ready = LoopBound(asyncio.Event)
+    """Set while a carrier is up."""
+    _wake = LoopBound(asyncio.Event)
+
+    def __init__(self, worker: RelayWorker, exit_addr: tuple[str, int]) -> None:
+        self.worker = worker
         self.exit = exit_addr
-        self.session_id = session_id
-        self.key = key
-        self.lost_at = 0.0
-        self.task: Optional[asyncio.Future[None]] = None
+        self.metrics = worker.metrics
+        self.driver: Optional[MuxDriver] = None
+        self.session_id = hl.NEW_SESSION
+        self.session_key = b""
+        self.carriers: dict[int, Union[SshCarrier, TcpCarrier]] = {}
+        self._next_cid = 1
+        self._task: Optional[asyncio.Future[None]] = None
+        self.lost_at: Optional[float] = None
+        """When the last carrier went; None while one is up."""
+        self.failed_at = 0.0
+        self.why = ""
+        self._answers: dict[int, Callable[[int, bytes], None]] = {}
+        self._old: list[MuxDriver] = []
+        """Sessions the exit is draining: their streams finish, no new ones go there."""
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._keep_carriers())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
+                await asyncio.wait_for(self._task, 5)
+        for driver in [*self._old, *([self.driver] if self.driver else [])]:
+            driver.close("worker stopping")
+        self.driver = None
+
+    @property
+    def usable(self) -> bool:
+        return self.driver is not None and bool(self.carriers) and not self.driver.session.draining
+
+    # -- carriers -------------------------------------------------------------------------
+    async def _keep_carriers(self) -> None:
+        s = self.worker.settings
+        attempt = 0
+        while True:
+            if len(self.carriers) >= s.carriers:
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            wait = 0.0
+            try:
+                await self._add_carrier()
+                attempt = 0
+                continue
+            except SessionGone as exc:
+                self._session_over(RESUME_FAILED, f"exit refused the resume: {exc}")
+                continue
+            except TunnelRefused as exc:
+                # Refused by the exit (wrong key, clock, limits): a configuration matter that
+                # a quick retry does not fix; try again at the longest backoff.
+                self.why = str(exc)
+                wait = s.reconnect_max
+            except OpenFailed as exc:
+                self.why = str(exc)
+                if isinstance(exc.__cause__, SshUnavailable):
+                    wait = exc.__cause__.retry_after
+            except (ProtocolError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
+                self.why = str(exc) or type(exc).__name__
+            self.failed_at = time.monotonic()
+            if (
+                self.lost_at is not None
+                and self.driver is not None
+                and time.monotonic() - self.lost_at >= s.resume_timeout
+            ):
+                self.metrics.resumes.labels("gave-up").inc()
+                self._session_over(
+                    RESUME_FAILED, f"no carrier for {s.resume_timeout:.0f}s: {self.why}"
+                )
+            backoff = min(s.reconnect_max, 0.25 * 2**attempt) * random.uniform(0.5, 1.0)
+            attempt += 1
+            if self.lost_at is not None:
+                self.metrics.resumes.labels("retry").inc()
+            log.debug(
+                "carrier attempt failed",
+                extra={
+                    "fields": {
+                        "exit": format_hostport(*self.exit),
+                        "why": self.why,
+                        "next": round(max(backoff, wait), 2),
+                    }
+                },
+            )
+            await asyncio.sleep(max(backoff, wait))
+
+    async def _add_carrier(self) -> None:
+        s = self.worker.settings
+        joins = self.driver is not None
+        carrier = await asyncio.wait_for(self.worker.dial(self.exit), s.connect_timeout + 5)
+        key = self.session_key if joins else s.secret
+        carrier.start(carrier_opener(key, s.key_id, s.heartbeat, self.session_id))
+        started = time.monotonic()
+        try:
+            est = await asyncio.wait_for(self.worker.handshake(carrier), s.connect_timeout)
+        except TunnelRefused as exc:
+            carrier.close()
+            if joins and exc.status in (hl.UNKNOWN_SESSION, hl.BAD_AUTH):
+                self.metrics.resumes.labels("refused").inc()
+                raise SessionGone(str(exc)) from None
+            log.warning(
+                "exit refused a carrier",
+                extra={"fields": {"exit": format_hostport(*self.exit), "why": str(exc)}},
+            )
+            raise
+        except BaseException:
+            carrier.close()
+            raise
+        self.worker.metrics.carrier_handshake.observe(time.monotonic() - started)
+        if self.driver is None:
+            self._new_session(est)
+        assert self.driver is not None
+        cid = self._next_cid
+        self._next_cid += 1
+        self.carriers[cid] = carrier
+        moved = self.driver.session.live_streams() if self.lost_at is not None else 0
+        carrier.join(self.driver, cid, est)
+        if cid in self.carriers:
+            if self.lost_at is not None:
+                gap = time.monotonic() - self.lost_at
+                self.lost_at = None
+                if moved:
+                    self.metrics.resumes.labels("ok").inc(moved)
+                log.info(
+                    "session resumed",
+                    extra={
+                        "fields": {
+                            "exit": format_hostport(*self.exit),
+                            "gap": round(gap, 3),
+                            "streams": moved,
+                        }
+                    },
+                )
+            self.ready.set()
+
+    def _new_session(self, est: Established) -> None:
+        s = self.worker.settings
+        loop = asyncio.get_running_loop()
+        session = ms.Session(
+            ms.WORKER,
+            heartbeat=est.heartbeat_ms / 1000,
+            now=loop.time(),
+            misses=s.heartbeat_misses,
+            window=s.replay_buffer,
+            tombstone_ttl=s.resume_timeout,
+        )
+        self.driver = MuxDriver(
+            session,
+            self.metrics,
+            on_answer=self._answered,
+            on_link_lost=self._link_lost,
+            on_draining=self._draining,
+        )
+        self.session_id = est.session_id
+        self.session_key = est.session_key
+        log.info(
+            "session open",
+            extra={
+                "fields": {
+                    "exit": format_hostport(*self.exit),
+                    "heartbeat": est.heartbeat_ms / 1000,
+                }
+            },
+        )
+
+    def _link_lost(self, cid: int, why: str) -> None:
+        if self.carriers.pop(cid, None) is None:
+            return
+        self.metrics.reconnects.inc()
+        streams = self.driver.session.live_streams() if self.driver is not None else 0
+        log.info(
+            "carrier lost",
+            extra={
+                "fields": {
+                    "exit": format_hostport(*self.exit),
+                    "carrier": cid,
+                    "left": len(self.carriers),
+                    "streams": streams,
+                    "why": why,
+                }
+            },
+        )
+        if not self.carriers:
+            self.lost_at = time.monotonic()
+            self.ready.clear()
+        elif self.driver is not None and self.driver.moved:
+            self.metrics.resumes.labels("ok").inc(self.driver.moved)
+        self._wake.set()
+
+    def _draining(self, reason: str) -> None:
+        """The exit is going away: finish this session's streams there, open new ones on
+        a fresh session (to the same address: the exit's replacement)."""
+        driver = self.driver
+        if driver is None:
+            return
+        log.info(
+            "exit draining; new streams go to a new session",
+            extra={"fields": {"exit": format_hostport(*self.exit), "reason": reason}},
+        )
+        self._old.append(driver)
+        driver._on_link_lost = None
+        self._forget_session()
+        self._reap()
+
+    def _forget_session(self) -> None:
+        self.driver = None
+        self.carriers = {}
+        self.session_id = hl.NEW_SESSION
+        self.session_key = b""
+        self.lost_at = None
+        self.ready.clear()
+        self._wake.set()
+
+    def _reap(self) -> None:
+        for driver in list(self._old):
+            if not driver.pumps:
+                driver.close("drained")
+                self._old.remove(driver)
+
+    def _session_over(self, result: str, why: str) -> None:
+        """The session cannot come back: reset its streams, start a new one."""
+        driver = self.driver
+        if driver is not None:
+            log.warning(
+                "session lost; resetting its streams",
+                extra={"fields": {"exit": format_hostport(*self.exit), "why": why}},
+            )
+            driver.close(why, result)
+        self._forget_session()
+
+    # -- streams --------------------------------------------------------------------------
+    def open(
+        self, address: bytes, info: StreamInfo, answer: Callable[[int, bytes], None]
+    ) -> MuxPump:
+        """A new stream on this session; ``answer(code, bound)`` gets the exit's reply."""
+        driver = self.driver
+        assert driver is not None
+        sid = driver.session.open(address)
+        self._answers[sid] = answer
+        return MuxPump(driver, sid, info, plain_is_client=True, on_done=self._stream_done)
+
+    def _answered(self, sid: int, code: int, address: bytes) -> None:
+        answer = self._answers.pop(sid, None)
+        if answer is not None:
+            answer(code, address)
+
+    def _stream_done(self, pump: MuxPump, result: str) -> None:
+        self._answers.pop(pump.sid, None)
+        self.worker.stream_done(pump, result)
+        if self._old:
+            self._reap()
 
 
 class OpenFailed(Exception):
@@ -165,7 +405,6 @@ class OpenFailed(Exception):
 
 class RelayWorker(Daemon):
     role = "worker"
-    _resume_slots = LoopBound(lambda: asyncio.Semaphore(RESUME_CONCURRENCY))
 
     def __init__(self, settings: WorkerSettings, metrics: Optional[Metrics] = None) -> None:
         super().__init__(metrics)
@@ -182,14 +421,10 @@ class RelayWorker(Daemon):
                 connects_per_minute=settings.ssh_connect_rate,
             )
         self._next_exit = 0
-        self._exit_failed: dict[tuple[str, int], float] = {}
-        self.sessions: dict[TunnelPump, Session] = {}
-        self._opening: set[TunnelPump] = set()
-        """Optimistic streams whose CONNECT the exit has not answered yet."""
         self._stopping = False
         self._forward: Optional[tuple[Any, Any]] = None
         self.listeners = Listeners(self)
-        self.warm: dict[tuple[str, int], WarmPool] = {}
+        self.exits: dict[tuple[str, int], ExitClient] = {}
 
     async def start(self) -> None:
         s = self.settings
@@ -208,151 +443,87 @@ class RelayWorker(Daemon):
                     "auth": "user/password" if s.socks_credentials else "none",
                     "mode": "upstream" if s.upstream else "tunnel",
                     "logins": ",".join(str(x) for x in s.logins) or "-",
+                    "carriers": s.carriers,
                 }
             },
         )
         await self.listeners.start()
-        self._start_warm()
+        if s.upstream is None:
+            for exit_addr in s.exits:
+                self._add_exit(exit_addr)
+
+    def _add_exit(self, exit_addr: tuple[str, int]) -> None:
+        client = ExitClient(self, exit_addr)
+        self.exits[exit_addr] = client
+        client.start()
 
     async def drain(self, timeout: float) -> None:
         self.listeners.close()
-        await self._close_warm()
         await super().drain(timeout)
 
     async def stop(self) -> None:
         self.listeners.close()
         self._stopping = True
-        await self._close_warm()
-        for session in self.sessions.values():
-            if session.task is not None:
-                session.task.cancel()
         await super().stop()
+        for client in self.exits.values():
+            await client.close()
         await self.listeners.wait_closed()
         if self.ssh is not None:
-            await self.ssh.close()
+            # A login node that no longer answers must not keep the worker from stopping.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.ssh.close(), 5)
 
-    # -- opening streams ------------------------------------------------------------------
-    def _exit_order(self) -> list[tuple[str, int]]:
-        """Exits for a new stream: round robin over healthy ones, recently failed ones last."""
-        exits = self.settings.exits
-        if not exits:
+    # -- choosing an exit -----------------------------------------------------------------
+    async def pick_exit(self) -> ExitClient:
+        """A session for a new stream: round robin over exits with a carrier up; if none
+        has one yet, the first to get one within --connect-timeout."""
+        for exit_addr in self.settings.exits:
+            if exit_addr not in self.exits and not self._stopping:
+                self._add_exit(exit_addr)
+        clients = [self.exits[e] for e in self.settings.exits if e in self.exits]
+        if not clients:
             raise OpenFailed(s5.GENERAL_FAILURE, "no exit configured")
-        start = self._next_exit % len(exits)
+        start = self._next_exit % len(clients)
         self._next_exit += 1
-        rotated = exits[start:] + exits[:start]
-        now = time.monotonic()
-        healthy = [e for e in rotated if self._exit_failed.get(e, -1e9) + EXIT_PENALTY < now]
-        return healthy + [e for e in rotated if e not in healthy]
+        rotated = clients[start:] + clients[:start]
+        for client in rotated:
+            if client.usable:
+                return client
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.connect_timeout
+        while loop.time() < deadline:
+            waits = [asyncio.ensure_future(c.ready.wait()) for c in rotated]
+            try:
+                await asyncio.wait(
+                    waits,
+                    timeout=max(0.0, deadline - loop.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                for w in waits:
+                    w.cancel()
+            for client in rotated:
+                if client.usable:
+                    return client
+            await asyncio.sleep(0.01)
+        why = "; ".join(f"{format_hostport(*c.exit)}: {c.why or 'no carrier yet'}" for c in rotated)
+        raise OpenFailed(s5.GENERAL_FAILURE, f"no exit reachable: {why}")
 
-    # -- warm carriers --------------------------------------------------------------------
-    def _start_warm(self) -> None:
-        s = self.settings
-        if s.warm_carriers <= 0 or s.upstream is not None:
-            return
-        for exit_addr in s.exits:
-            if exit_addr not in self.warm:
-                pool = WarmPool(self, exit_addr, s.warm_carriers)
-                self.warm[exit_addr] = pool
-                pool.start()
-
-    async def _close_warm(self) -> None:
-        pools, self.warm = list(self.warm.values()), {}
-        for pool in pools:
-            await pool.close()
-
-    def may_warm(self) -> bool:
-        """Warm carriers are opened over an SSH connection that is up, never for one."""
-        return not self._stopping and (self.ssh is None or self.ssh.connected)
-
-    async def _take_warm(
-        self, exit_addr: tuple[str, int], host: str, port: int, pump: Optional[TunnelPump]
-    ) -> Optional[tuple[Any, Opened]]:
-        """Send the CONNECT on a warm carrier to ``exit_addr``, if one is ready."""
-        pool = self.warm.get(exit_addr)
-        if pool is None:
-            return None
-        pool.kick()  # the SSH connection may be up again: let an empty pool refill
-        entry = pool.take()
-        if entry is None:
-            return None
-        carrier = entry.send_connect(host, port)
-        self._send_behind_connect(carrier, pump)
+    async def handshake(self, carrier: Union[SshCarrier, TcpCarrier]) -> Established:
         try:
-            opened = await self._handshake(carrier)
-        except (OpenFailed, TunnelRefused) as exc:
-            self.metrics.keep_warm_failures.labels("lost").inc()
-            log.debug("warm carrier failed its CONNECT", extra={"fields": {"why": str(exc)}})
-            self._let_go(carrier, pump, exc)
-            return None
-        self.metrics.stream_carriers.labels("warm").inc()
-        return carrier, opened
+            est = await carrier.established
+        except TunnelRefused as exc:
+            self.metrics.carriers.labels("refused").inc()
+            self.metrics.auth_failures.labels(f"exit-{exc.stage}").inc()
+            raise
+        except (ProtocolError, ConnectionError) as exc:
+            carrier.close()
+            self.metrics.carriers.labels("failed").inc()
+            raise OpenFailed(s5.GENERAL_FAILURE, f"tunnel handshake: {exc}") from None
+        self.metrics.carriers.labels("ok").inc()
+        return est
 
-    def _send_behind_connect(self, carrier: Any, pump: Optional[TunnelPump]) -> None:
-        """Optimistic data: the stream sends on the carrier right behind its CONNECT."""
-        if pump is None:
-            return
-        if pump.done is not None:
-            carrier.link.close()
-            raise OpenFailed(s5.GENERAL_FAILURE, "client gone")
-        pump.attach_carrier(carrier.link)
-
-    def _let_go(self, carrier: Any, pump: Optional[TunnelPump], exc: Exception) -> None:
-        """A carrier failed before the exit answered the CONNECT. Its stream may go to
-        another carrier, from its first byte, only if this exit cannot have started it."""
-        if pump is None:
-            return
-        stream = pump.stream
-        if carrier.established is not None and (stream.send_offset or stream.fin_sent):
-            raise OpenFailed(
-                s5.GENERAL_FAILURE, f"carrier lost before the exit answered the CONNECT: {exc}"
-            )
-        pump.detach_carrier()
-
-    async def open_carrier(
-        self, host: str, port: int, pump: Optional[TunnelPump] = None
-    ) -> tuple[Any, Opened, tuple[str, int]]:
-        """Open a carrier to an exit and run the handshake for ``host:port``.
-
-        A warm carrier for the chosen exit is used when one is ready; otherwise a new one is
-        dialled. An exit that cannot be reached is skipped for a while and the next one
-        tried, so losing one exit VM costs new streams nothing but the failed attempt. With
-        ``pump`` (optimistic data) the stream sends on the carrier right behind its CONNECT;
-        after a failed handshake the next carrier sends it all again from the start, unless
-        the exit may already have started it.
-        """
-        s = self.settings
-        failure: Optional[OpenFailed] = None
-        for exit_addr in self._exit_order():
-            warm = await self._take_warm(exit_addr, host, port, pump)
-            if warm is not None:
-                self._exit_failed.pop(exit_addr, None)
-                return warm[0], warm[1], exit_addr
-            try:
-                carrier = await self._dial(exit_addr)
-            except OpenFailed as exc:
-                if isinstance(exc.__cause__, SshUnavailable):
-                    raise
-                failure = exc
-                self._exit_failed[exit_addr] = time.monotonic()
-                continue
-            carrier.start(new_opener(s.secret, s.key_id, s.heartbeat, (host, port)))
-            self._send_behind_connect(carrier, pump)
-            try:
-                opened = await self._handshake(carrier)
-            except TunnelRefused as exc:
-                raise OpenFailed(s5.GENERAL_FAILURE, str(exc)) from None
-            except OpenFailed as exc:  # the exit dropped the carrier: try the next one
-                failure = exc
-                self._exit_failed[exit_addr] = time.monotonic()
-                self._let_go(carrier, pump, exc)
-                continue
-            self._exit_failed.pop(exit_addr, None)
-            self.metrics.stream_carriers.labels("dialled").inc()
-            return carrier, opened, exit_addr
-        assert failure is not None
-        raise failure
-
-    async def _dial(self, exit_addr: tuple[str, int]) -> Union[SshCarrier, TcpCarrier]:
+    async def dial(self, exit_addr: tuple[str, int]) -> Union[SshCarrier, TcpCarrier]:
         """A byte pipe to the exit: a direct-tcpip channel through the login node, or TCP."""
         exit_host, exit_port = exit_addr
         carrier: Union[SshCarrier, TcpCarrier]
@@ -424,111 +595,102 @@ class RelayWorker(Daemon):
         assert isinstance(carrier, TcpCarrier)
         return carrier
 
-    async def _handshake(self, carrier: Union[SshCarrier, TcpCarrier]) -> Opened:
-        try:
-            opened = await carrier.opened
-        except TunnelRefused as exc:
-            self.metrics.carriers.labels("refused").inc()
-            self.metrics.auth_failures.labels(f"exit-{exc.stage}").inc()
-            raise
-        except (ProtocolError, ConnectionError) as exc:
-            carrier.link.close()
-            self.metrics.carriers.labels("failed").inc()
-            raise OpenFailed(s5.GENERAL_FAILURE, f"tunnel handshake: {exc}") from None
-        self.metrics.carriers.labels("ok").inc()
-        return opened
+    # -- relaying one client stream ------------------------------------------------------
+    async def relay(self, client: PlainProtocol, host: str, port: int, reply: ReplyFn) -> None:
+        """Open a stream to ``host:port`` for an accepted local client and pump it.
 
-    # -- resume ---------------------------------------------------------------------------
-    def _carrier_lost(self, pump: TunnelPump, why: str) -> bool:
-        """A stream lost its carrier: get it back in the background (True) or give up."""
-        if pump in self._opening:
-            return True  # the handshake fails with it; open_carrier tries the next exit
-        session = self.sessions.get(pump)
-        if session is None or self._stopping:
-            return False
-        session.lost_at = time.monotonic()
-        self.metrics.reconnects.inc()
+        ``reply(code, bound_host, bound_port)`` answers the client in its own protocol
+        (SOCKS5 reply, HTTP status line, nothing for a static forward); a non-zero code means
+        the stream failed and the client is to be closed.
+        """
+        started = time.monotonic()
+        info = StreamInfo(os.urandom(4).hex(), format_hostport(host, port), self.settings.key_id)
+        try:
+            if self.settings.upstream is not None:
+                sock = await asyncio.wait_for(
+                    self.open_upstream(host, port), self.settings.connect_timeout + 5
+                )
+                await self._start_raw(client, sock, info, reply)
+                self.metrics.handshake.observe(time.monotonic() - started)
+            else:
+                await self._start_stream(client, host, port, info, reply, started)
+        except OpenFailed as exc:
+            self._refused(client, info, exc.code, str(exc), reply)
+        except asyncio.TimeoutError:
+            self._refused(client, info, s5.GENERAL_FAILURE, "timed out opening the stream", reply)
+        except Exception as exc:
+            log.exception("stream set-up failed")
+            self._refused(client, info, s5.GENERAL_FAILURE, f"internal error: {exc}", reply)
+
+    async def _start_stream(
+        self,
+        client: PlainProtocol,
+        host: str,
+        port: int,
+        info: StreamInfo,
+        reply: ReplyFn,
+        started: float,
+    ) -> None:
+        """Open a multiplexed stream. Optimistic (the default): answer the client now and
+        send its first bytes right behind the OPEN, so connect and first exchange cost one
+        round trip to the exit; a refusal then reaches the client as a reset. Otherwise the
+        client gets the exit's own answer (SOCKS5 reply code, HTTP status)."""
+        try:
+            address = s5.encode_address(host, port)
+        except ValueError as exc:
+            raise OpenFailed(s5.ADDRESS_TYPE_NOT_SUPPORTED, str(exc)) from None
+        exit_client = await self.pick_exit()
+        if client.closed:
+            return
+        optimistic = self.settings.optimistic
+        pump: Optional[MuxPump] = None
+
+        def answered(code: int, bound: bytes) -> None:
+            assert pump is not None
+            if code == s5.SUCCEEDED:
+                self.metrics.handshake.observe(time.monotonic() - started)
+                if not optimistic:
+                    bound_host, bound_port, _ = s5.decode_address(bound)
+                    reply(s5.SUCCEEDED, bound_host, bound_port)
+                    pump.attach_plain(client)
+                return
+            why = "exit: " + s5.REPLY_NAMES.get(code, str(code))
+            if optimistic:
+                pump.abandon(REFUSED, why, mux.RST_REFUSED)
+            else:
+                pump.discard()  # never started: counted and logged as refused only
+                self.pumps.discard(pump)
+                self._refused(client, info, code, why, reply)
+
+        pump = exit_client.open(address, info, answered)
+        self.pumps.add(pump)
+        if optimistic:
+            reply(s5.SUCCEEDED, "0.0.0.0", 0)
+            try:
+                pump.attach_plain(client)
+            except Exception as exc:  # answered already: a reset, never a second reply
+                log.exception("stream set-up failed")
+                pump.abandon(REFUSED, f"internal error: {exc}")
+                if client.transport is not None:
+                    abort_with_reset(client.transport)
+
+    def _refused(
+        self, client: PlainProtocol, info: StreamInfo, code: int, why: str, reply: ReplyFn
+    ) -> None:
+        self.metrics.streams.labels("refused").inc()
         log.info(
-            "carrier lost, resuming",
+            "stream refused",
             extra={
-                "fields": {"stream": pump.info.stream_id, "dest": pump.info.destination, "why": why}
+                "fields": {
+                    "stream": info.stream_id,
+                    "dest": info.destination,
+                    "reply": s5.REPLY_NAMES.get(code, code),
+                    "reason": why,
+                }
             },
         )
-        session.task = asyncio.ensure_future(self._resume(pump, session))
-        return True
-
-    async def _resume(self, pump: TunnelPump, session: Session) -> None:
-        """Re-open a carrier to the session's exit, with backoff, until it works or is refused."""
-        s = self.settings
-        deadline = session.lost_at + s.resume_timeout
-        attempt = 0
-        why = ""
-        while pump.done is None:
-            wait = 0.0
-            async with self._resume_slots:
-                if pump.done is not None:
-                    return
-                try:
-                    carrier = await asyncio.wait_for(self._dial(session.exit), s.connect_timeout)
-                    carrier.start(
-                        resume_opener(
-                            session.key,
-                            s.key_id,
-                            s.heartbeat,
-                            session.session_id,
-                            pump.stream.recv_offset,
-                        )
-                    )
-                    opened = await asyncio.wait_for(self._handshake(carrier), s.connect_timeout)
-                except TunnelRefused as exc:
-                    if exc.status in (hl.UNKNOWN_SESSION, hl.BAD_AUTH):
-                        self.metrics.resumes.labels("refused").inc()
-                        pump.abandon(RESUME_FAILED, f"exit refused the resume: {exc}")
-                        return
-                    why = str(exc)
-                except OpenFailed as exc:
-                    why = str(exc)
-                    if isinstance(exc.__cause__, SshUnavailable):
-                        wait = exc.__cause__.retry_after
-                except (ProtocolError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
-                    why = str(exc) or type(exc).__name__
-                else:
-                    if pump.done is not None:
-                        carrier.link.close()
-                        return
-                    replayed = carrier.attach(pump, opened.established.peer_offset)
-                    self.metrics.resumes.labels("ok").inc()
-                    pump.info.log_resumed(
-                        time.monotonic() - session.lost_at,
-                        replayed,
-                        pump.stream.recv_offset,
-                        attempts=attempt + 1,
-                    )
-                    return
-            if time.monotonic() >= deadline:
-                self.metrics.resumes.labels("gave-up").inc()
-                pump.abandon(RESUME_FAILED, f"no carrier for {s.resume_timeout:.0f}s: {why}")
-                return
-            backoff = min(s.reconnect_max, 0.25 * 2**attempt) * random.uniform(0.5, 1.0)
-            attempt += 1
-            self.metrics.resumes.labels("retry").inc()
-            log.debug(
-                "resume attempt failed",
-                extra={
-                    "fields": {
-                        "stream": pump.info.stream_id,
-                        "why": why,
-                        "next": round(max(backoff, wait), 2),
-                    }
-                },
-            )
-            await asyncio.sleep(min(max(backoff, wait), max(0.0, deadline - time.monotonic())))
-
-    def stream_done(self, pump: Any, result: str) -> None:
-        super().stream_done(pump, result)
-        session = self.sessions.pop(pump, None)
-        if session is not None and session.task is not None and not session.task.done():
-            session.task.cancel()
+        if not client.closed:
+            reply(code, "0.0.0.0", 0)
 
     async def open_upstream(self, host: str, port: int) -> Any:
         """A socket to ``host:port`` through the plain SOCKS5 upstream (python-socks)."""
@@ -562,138 +724,6 @@ class RelayWorker(Daemon):
         return int(self._forward[1].get_port())
 
     # -- relaying one client stream ------------------------------------------------------
-    async def relay(self, client: PlainProtocol, host: str, port: int, reply: ReplyFn) -> None:
-        """Open a stream to ``host:port`` for an accepted local client and pump it.
-
-        ``reply(code, bound_host, bound_port)`` answers the client in its own protocol
-        (SOCKS5 reply, HTTP status line, nothing for a static forward); a non-zero code means
-        the stream failed and the client is to be closed.
-        """
-        started = time.monotonic()
-        info = StreamInfo(os.urandom(4).hex(), format_hostport(host, port), self.settings.key_id)
-        try:
-            if self.settings.upstream is not None:
-                sock = await asyncio.wait_for(
-                    self.open_upstream(host, port), self.settings.connect_timeout + 5
-                )
-                await self._start_raw(client, sock, info, reply)
-            elif self.settings.optimistic:
-                await self._start_optimistic(client, host, port, info, reply)
-            else:
-                await self._start_tunnel(client, host, port, info, reply)
-            self.metrics.handshake.observe(time.monotonic() - started)
-        except OpenFailed as exc:
-            self._refused(client, info, exc.code, str(exc), reply)
-        except asyncio.TimeoutError:
-            self._refused(client, info, s5.GENERAL_FAILURE, "timed out opening the stream", reply)
-        except Exception as exc:
-            log.exception("stream set-up failed")
-            self._refused(client, info, s5.GENERAL_FAILURE, f"internal error: {exc}", reply)
-
-    def _refused(
-        self, client: PlainProtocol, info: StreamInfo, code: int, why: str, reply: ReplyFn
-    ) -> None:
-        self.metrics.streams.labels("refused").inc()
-        log.info(
-            "stream refused",
-            extra={
-                "fields": {
-                    "stream": info.stream_id,
-                    "dest": info.destination,
-                    "reply": s5.REPLY_NAMES.get(code, code),
-                    "reason": why,
-                }
-            },
-        )
-        if not client.closed:
-            reply(code, "0.0.0.0", 0)
-
-    async def _start_tunnel(
-        self, client: PlainProtocol, host: str, port: int, info: StreamInfo, reply: ReplyFn
-    ) -> None:
-        s = self.settings
-        carrier, opened, exit_addr = await asyncio.wait_for(
-            self.open_carrier(host, port), s.connect_timeout + 5
-        )
-        connected = opened.connected
-        assert connected is not None
-        if connected.code != s5.SUCCEEDED or client.closed:
-            carrier.link.close()
-            if client.closed:
-                return
-            raise OpenFailed(connected.code, "exit: " + s5.REPLY_NAMES.get(connected.code, "?"))
-        reply(s5.SUCCEEDED, connected.host, connected.port)
-        pump = self._new_pump(info, opened.established.heartbeat_ms / 1000)
-        est = opened.established
-        self.sessions[pump] = Session(exit_addr, est.session_id, est.session_key)
-        pump.attach_plain(client)
-        carrier.attach(pump)
-
-    def _new_pump(
-        self, info: StreamInfo, heartbeat: float, unconfirmed_limit: Optional[int] = None
-    ) -> TunnelPump:
-        s = self.settings
-        stream = TunnelStream(
-            heartbeat=heartbeat,
-            now=asyncio.get_running_loop().time(),
-            misses=s.heartbeat_misses,
-            replay_limit=s.replay_buffer,
-        )
-        pump = TunnelPump(
-            stream,
-            info,
-            self.metrics,
-            plain_is_client=True,
-            on_done=self.stream_done,
-            on_carrier_lost=self._carrier_lost,
-            unconfirmed_limit=unconfirmed_limit,
-        )
-        self.pumps.add(pump)
-        return pump
-
-    async def _start_optimistic(
-        self, client: PlainProtocol, host: str, port: int, info: StreamInfo, reply: ReplyFn
-    ) -> None:
-        """Answer the client now and send its first bytes right behind the CONNECT.
-
-        Connect and first exchange then cost one round trip to the exit. A stream the exit
-        refuses, or that no exit takes, reaches the client as a reset instead of a reply.
-        """
-        s = self.settings
-        reply(s5.SUCCEEDED, "0.0.0.0", 0)
-        pump = self._new_pump(info, s.heartbeat, UNCONFIRMED_BYTES)
-        pump.attach_plain(client)
-        if pump.done is not None:
-            return
-        self._opening.add(pump)
-        try:
-            carrier, opened, exit_addr = await asyncio.wait_for(
-                self.open_carrier(host, port, pump), s.connect_timeout + 5
-            )
-        except OpenFailed as exc:
-            pump.abandon(REFUSED, str(exc))
-            return
-        except asyncio.TimeoutError:
-            pump.abandon(REFUSED, "timed out opening the stream")
-            return
-        except Exception as exc:  # the client was answered: a reset, never a second reply
-            log.exception("stream set-up failed")
-            pump.abandon(REFUSED, f"internal error: {exc}")
-            return
-        finally:
-            self._opening.discard(pump)
-        connected = opened.connected
-        assert connected is not None
-        if pump.done is not None:
-            carrier.link.close()
-            return
-        if connected.code != s5.SUCCEEDED:
-            pump.abandon(REFUSED, "exit: " + s5.REPLY_NAMES.get(connected.code, "?"))
-            return
-        est = opened.established
-        pump.stream.heartbeat = est.heartbeat_ms / 1000
-        self.sessions[pump] = Session(exit_addr, est.session_id, est.session_key)
-        carrier.hand_over(pump)
 
     async def _start_raw(
         self, client: PlainProtocol, sock: Any, info: StreamInfo, reply: ReplyFn

@@ -176,9 +176,6 @@ def worker_settings(
         "secret": SECRET,
         "heartbeat": 1.0,
         "connect_timeout": 10.0,
-        # Tests that count carriers and handshakes expect one carrier per stream; the
-        # warm-carrier tests (test_warm.py) switch the pool on.
-        "warm_carriers": 0,
     }
     options.update(overrides)
     return WorkerSettings(**options)

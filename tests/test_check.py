@@ -19,9 +19,18 @@ import pytest
 
 import relay.exit
 from relay.check import FAIL, OK, SKIP, WARN, check_chain
-from relay.exit import RelayExit
+from relay.exit import ExitMux, RelayExit
 from relay.sshhop import Login
-from tests.helpers import KEY_ID, SECRET, Servers, echo_handler, exit_settings, worker_settings
+from relay.worker import RelayWorker
+from tests.helpers import (
+    KEY_ID,
+    SECRET,
+    Servers,
+    echo_handler,
+    exit_settings,
+    metric,
+    worker_settings,
+)
 from tests.lab.relays import write_config
 from tests.lab.sshd import Sshd
 
@@ -108,6 +117,19 @@ async def env(sshd: Sshd, tmp_path: Path) -> AsyncIterator[Env]:
         await servers.close()
 
 
+def carrier_joins(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The session id of every carrier the exit accepts from now on."""
+    joins: list[bytes] = []
+    join = ExitMux.join
+
+    def spy(self: ExitMux, *args: Any) -> int:
+        joins.append(self.session_id)
+        return join(self, *args)
+
+    monkeypatch.setattr(ExitMux, "join", spy)
+    return joins
+
+
 def hop(doc: dict[str, Any], name: str) -> dict[str, Any]:
     return next(h for h in doc["hops"] if h["hop"] == name)
 
@@ -143,28 +165,64 @@ async def test_json_output_parses_and_carries_the_facts(env: Env) -> None:
     assert hop(doc, "heartbeat")["facts"]["rtt_s"] > 0
 
 
+async def exit_idle(env: Env) -> None:
+    """Wait until the exit has no stream and no session left (or 5 s)."""
+    deadline = time.monotonic() + 5
+    while (env.exit.pumps or env.exit.sessions) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
 async def test_probe_streams_end_cleanly_at_the_exit(env: Env) -> None:
-    """Probes close with FIN both ways: the exit counts them ok, nothing is left open."""
+    """Probes close with FIN both ways: the exit counts them ok; the session ends with the
+    carrier instead of being parked for a resume."""
     code, _, err = await env.check("--config", str(env.config()), "--probe", env.probe)
     assert code == 0, err
-    metrics = env.exit.metrics.registry
-    deadline = time.monotonic() + 5
-    while env.exit.pumps and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert not env.exit.pumps
-    assert metrics.get_sample_value("relay_streams_total", {"result": "ok"}) == 1
-    assert metrics.get_sample_value("relay_policy_denials_total", {"reason": "no_rule"}) is None
+    metrics = env.exit.metrics
+    await exit_idle(env)
+    assert not env.exit.pumps and not env.exit.sessions
+    assert metric(metrics, "relay_streams_total", result="ok") == 1
+    assert metric(metrics, "relay_parked_sessions") == 0
+    assert metric(metrics, "relay_carriers_active") == 0
+    assert (
+        metrics.registry.get_sample_value("relay_policy_denials_total", {"reason": "no_rule"})
+        is None
+    )
 
 
-async def test_without_probe_the_hello_is_checked_against_the_policy(env: Env) -> None:
+async def test_every_probe_is_an_open_on_one_carrier(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Protocol v2: one HELLO, one carrier; each probe is a stream on it."""
+    joins = carrier_joins(monkeypatch)
+    code, doc = await env.check_json(
+        "--config", str(env.config()), "--probe", env.probe, "--probe", env.probe
+    )
+    assert code == 0, doc
+    assert [h["hop"] for h in doc["hops"]] == [
+        "ssh", "tcp", "hello", "connect", "connect", "heartbeat",
+    ]  # fmt: skip
+    metrics = env.exit.metrics
+    await exit_idle(env)
+    assert len(joins) == 1
+    assert metric(metrics, "relay_streams_total", result="ok") == 2
+    assert not env.exit.sessions
+
+
+async def test_without_probe_the_session_is_checked_against_the_policy(env: Env) -> None:
+    """No probe: an OPEN of 0.0.0.0:9, which the policy refuses; the heartbeat needs no
+    stream (a PING on the carrier)."""
     code, doc = await env.check_json("--config", str(env.config()))
     assert code == 0, doc
-    assert [h["status"] for h in doc["hops"]] == [OK, OK, OK, SKIP, SKIP]
+    assert [h["status"] for h in doc["hops"]] == [OK, OK, OK, SKIP, OK]
     assert "0.0.0.0:9" in hop(doc, "connect")["detail"]
+    assert "not allowed by ruleset" in hop(doc, "connect")["detail"]
+    assert hop(doc, "heartbeat")["facts"]["rtt_s"] > 0
     denials = env.exit.metrics.registry.get_sample_value(
         "relay_policy_denials_total", {"reason": "unspecified"}
     )
     assert denials == 1
+    await exit_idle(env)
+    assert not env.exit.sessions  # the refused stream was forgotten at both ends
 
 
 async def test_flags_alone_work_like_relay_worker(env: Env) -> None:
@@ -344,3 +402,23 @@ async def test_every_login_node_is_checked(env: Env) -> None:
         ("ssh", FAIL), ("tcp", SKIP),
         ("ssh", OK), ("tcp", OK), ("hello", OK), ("connect", OK), ("heartbeat", OK),
     ]  # fmt: skip
+
+
+async def test_exit_at_its_carrier_limit_refuses_the_hello() -> None:
+    """A worker already holds the one carrier the exit allows the key: the check's HELLO is
+    refused as busy, and the check names the limit."""
+    relay_exit = RelayExit(exit_settings(max_carriers_per_key=1))
+    await relay_exit.start()
+    worker = RelayWorker(worker_settings(None, relay_exit.address, carriers=1))
+    await worker.start()
+    try:
+        await asyncio.wait_for(worker.exits[relay_exit.address].ready.wait(), 10)
+        hops = await check_chain(worker_settings(None, relay_exit.address))
+    finally:
+        await worker.stop()
+        await relay_exit.stop()
+    assert [(h.name, h.status) for h in hops] == [
+        ("tcp", OK), ("hello", FAIL), ("connect", SKIP), ("heartbeat", SKIP),
+    ]  # fmt: skip
+    hello = hops[1]
+    assert "busy" in hello.cause and "max_carriers_per_key" in hello.fix

@@ -77,6 +77,32 @@ def test_worker_unknown_key_in_config_file(tmp_path: Path) -> None:
     assert "heartbaet" in result.stderr and str(config) in result.stderr
 
 
+def test_worker_refuses_the_keep_warm_flag_it_no_longer_has() -> None:
+    """--warm-carriers became --carriers (streams are multiplexed on long-lived carriers)."""
+    result = run("relay-worker", "--no-socks-auth", "--upstream", "socks5://192.0.2.1:1080",
+                 "--warm-carriers", "2")  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--warm-carriers" in lines[0], result.stderr
+    help_text = run("relay-worker", "--help")
+    assert help_text.returncode == 0 and "--carriers N" in help_text.stdout
+    assert "warm" not in help_text.stdout
+
+
+def test_relay_demo_runs_the_chain_and_exits_zero() -> None:
+    """`relay demo` as a user types it (short timings): the relay's streams outlive the
+    idle-killing middlebox and the command says so with status 0."""
+    result = subprocess.run(
+        [str(BIN / "relay"), "demo", "--idle", "2.5", "--blackhole-after", "1",
+         "--heartbeat", "0.25", "--streams", "3", "--carriers", "2"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "verdict: OK" in result.stdout
+    assert "hpc-relay: 3 streams rode 2 carriers" in result.stdout
+    assert "relay demo: could not run" not in result.stderr
+
+
 def test_relay_command_usage() -> None:
     assert run("relay").returncode == 2
     assert run("relay", "nonsense").returncode == 2

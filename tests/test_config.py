@@ -120,7 +120,9 @@ def test_exit_defaults(keys: Path) -> None:
     assert cfg.heartbeat == 25.0 and isinstance(cfg.heartbeat, float)
     assert cfg.heartbeat_misses == 3
     assert (cfg.handshake_timeout, cfg.connect_timeout) == (10.0, 10.0)
-    assert (cfg.max_streams, cfg.max_streams_per_key, cfg.max_handshakes) == (10000, 2000, 1000)
+    assert (cfg.max_streams, cfg.max_streams_per_key, cfg.max_handshakes) == (50000, 20000, 1000)
+    assert (cfg.max_carriers, cfg.max_carriers_per_key) == (2000, 200)
+    assert cfg.max_buffered == 1 << 30
     assert cfg.tcp_keepalive == 60.0
     assert cfg.replay_buffer == 4 * 1024 * 1024
     assert cfg.resume_timeout == 600.0
@@ -142,6 +144,8 @@ def test_worker_defaults(wfiles: dict[str, Path]) -> None:
     assert (cfg.heartbeat, cfg.heartbeat_misses, cfg.ssh_keepalive) == (25.0, 3, 15.0)
     assert (cfg.connect_timeout, cfg.tcp_keepalive) == (15.0, 60.0)
     assert cfg.replay_buffer == 4 << 20
+    assert cfg.carriers == 2 and isinstance(cfg.carriers, int)
+    assert cfg.resume_timeout == 600.0
     assert cfg.metrics is None
     assert (cfg.log_format, cfg.log_level, cfg.no_uvloop) == ("text", "info", False)
 
@@ -166,6 +170,8 @@ connect_timeout = 3
 max_streams = 10
 max_streams_per_key = 5
 max_handshakes = 7
+max_carriers = 50
+max_carriers_per_key = 4
 tcp_keepalive = 30
 replay_buffer = "512KiB"
 resume_timeout = 60
@@ -189,6 +195,7 @@ no_uvloop = true
     assert cfg.handshake_timeout == 2.5
     assert cfg.connect_timeout == 3.0
     assert (cfg.max_streams, cfg.max_streams_per_key, cfg.max_handshakes) == (10, 5, 7)
+    assert (cfg.max_carriers, cfg.max_carriers_per_key) == (50, 4)
     assert cfg.replay_buffer == 512 * 1024
     assert cfg.max_parked == 0
     assert (cfg.log_format, cfg.log_level) == ("json", "debug")
@@ -235,6 +242,7 @@ key_id = "node-7.a_b"
 secret_file = "{wfiles["secret"]}"
 replay_buffer = 1048576
 ssh_keepalive = 10
+carriers = 4
 
 [exit]   # another daemon's table may share the file
 whatever = 1
@@ -253,12 +261,17 @@ whatever = 1
     assert cfg.key_id == "node-7.a_b"
     assert cfg.replay_buffer == 1 << 20
     assert cfg.ssh_keepalive == 10.0
+    assert cfg.carriers == 4
 
     cfg = load_worker_config(
-        ["--config", str(conf), "--login", "carol@login9", "--exit", "e:1", "--exit", "f:2"]
-    )
+        [
+            "--config", str(conf), "--login", "carol@login9", "--exit", "e:1", "--exit", "f:2",
+            "--carriers", "1",
+        ]
+    )  # fmt: skip
     assert cfg.login == (LoginTarget("carol", "login9", 22),)
     assert cfg.exit == (HostPort("e", 1), HostPort("f", 2))
+    assert cfg.carriers == 1
 
     # A flag's choice beats the file's choice of the other half of the pair.
     cfg = load_worker_config(["--config", str(conf), "--no-socks-auth"])
@@ -332,6 +345,37 @@ def test_worker_upstream_without_login(wfiles: dict[str, Path]) -> None:
         ]
     )
     assert cfg.upstream == HostPort("2001:db8::9", 1080)
+
+
+def test_carrier_options_and_their_former_names(
+    tmp_path: Path, keys: Path, wfiles: dict[str, Path]
+) -> None:
+    """The worker keeps --carriers per exit and the exit caps them; the keep-warm options
+    these replaced are unknown now, and the error names the option that took their place."""
+    assert "--carriers: must be >= 1 (got 0)" in raises(
+        load_worker_config, worker_argv(wfiles, "--carriers", "0")
+    )
+    assert "--carriers: must be a whole number (got 1.5)" in raises(
+        load_worker_config, worker_argv(wfiles, "--carriers", "1.5")
+    )
+    for flag in ("--max-carriers", "--max-carriers-per-key"):
+        assert f"{flag}: must be >= 1 (got 0)" in raises(
+            load_exit_config, ["--keys", str(keys), flag, "0"]
+        )
+    conf = write(tmp_path / "w.toml", "[worker]\nwarm_carriers = 2\n")
+    msg = raises(load_worker_config, [*worker_argv(wfiles), "--config", str(conf)])
+    assert msg == f"warm_carriers in {conf}: unknown key in [worker]; did you mean carriers?"
+    for old, new in (
+        ("max_warm_carriers", "max_carriers"),
+        ("max_warm_carriers_per_key", "max_carriers_per_key"),
+    ):
+        conf = write(tmp_path / "x.toml", f'[exit]\nkeys = "{keys}"\n{old} = 10\n')
+        msg = raises(load_exit_config, ["--config", str(conf)])
+        assert msg == f"{old} in {conf}: unknown key in [exit]; did you mean {new}?"
+    msg = raises(load_worker_config, worker_argv(wfiles, "--warm-carriers", "2"))
+    assert "unrecognized arguments: --warm-carriers" in msg
+    msg = raises(load_exit_config, ["--keys", str(keys), "--max-warm-carriers", "2"])
+    assert "unrecognized arguments: --max-warm-carriers" in msg
 
 
 def test_int_and_float_numbers(tmp_path: Path, keys: Path) -> None:
@@ -549,8 +593,10 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "--no-socks-auth" in out and "--replay-buffer SIZE" in out
+    assert "--carriers N" in out and "(default: 2)" in out
     help_text = build_parser("relay-exit", EXIT_OPTIONS).format_help()
     assert "--allow RULE" in help_text and "(default: 4MiB)" in help_text
+    assert "--max-carriers N" in help_text and "--max-carriers-per-key N" in help_text
 
 
 def test_secret_file_mode(tmp_path: Path, wfiles: dict[str, Path]) -> None:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
-import subprocess
-import sys
+import re
 from io import StringIO
 from pathlib import Path
 
@@ -24,7 +22,6 @@ from relay.demo import (
     EchoServer,
     LoginNode,
     Middlebox,
-    _heartbeat_lines,
     main,
     run_demo,
 )
@@ -45,25 +42,41 @@ def _table_row(output: str, name: str) -> str:
     return rows[0]
 
 
+def _relay_rows(output: str, streams: int) -> list[str]:
+    return [_table_row(output, f"{RELAY} stream {n}") for n in range(1, streams + 1)]
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
 async def test_demo_relay_survives_idle_and_plain_does_not() -> None:
     fds_before = _open_fds()
     out = StringIO()
 
-    rc = await run_demo(idle=5, blackhole_after=2, heartbeat=0.5, out=out)
+    rc = await run_demo(idle=5, blackhole_after=2, heartbeat=0.5, out=out, streams=3, carriers=2)
 
     text = out.getvalue()
     assert rc == 0, text
-    relay_row = _table_row(text, RELAY)
     plain_row = _table_row(text, PLAIN)
     # columns: path, first exchange, after idle
-    assert relay_row.count("answered in") == 2, relay_row
+    for row in _relay_rows(text, 3):
+        assert row.count("answered in") == 2, row
     assert plain_row.count("answered in") == 1, plain_row
     assert "no answer within 3 s" in plain_row, plain_row
     assert "verdict: OK" in text
     assert "unexpectedly" not in text
     assert "\r" not in text  # not a terminal: one progress line per second, no overdrawing
-    assert "idle 5/5 s  middlebox has black-holed 1 of 2 connection(s)" in text, text
+    # Three streams, but the firewall only ever saw the worker's two carriers and the plain
+    # client's own connection; the carriers' heartbeats kept both alive.
+    assert "idle 5/5 s  middlebox has black-holed 1 of 3 connection(s)" in text, text
+    assert "middlebox: 3 connections seen, 1 black-holed (timeout 2 s)" in text, text
+    assert "plain SOCKS5: 1 stream, 1 connection of its own, black-holed" in text, text
+    assert (
+        f"{RELAY}: 3 streams rode 2 carriers (2 connections through the middlebox, "
+        "none black-holed)" in text
+    ), text
+    # The worker's PINGs were answered; the exit, hearing them, never needed its own.
+    answered = re.search(r"the exit answered (\d+) \(mean RTT", text)
+    assert answered and int(answered.group(1)) >= 2 * 5, text
+    assert "the exit pings only when the worker's pings stop: 0 of its own answered" in text
 
     assert _other_tasks() == []
     await asyncio.sleep(0.05)  # any close still in flight would show up as an fd below
@@ -73,12 +86,24 @@ async def test_demo_relay_survives_idle_and_plain_does_not() -> None:
 async def test_demo_fails_when_heartbeat_is_slower_than_the_firewall() -> None:
     """The exit status really depends on the relay path: make the relay lose too."""
     out = StringIO()
-    rc = await run_demo(idle=2.5, blackhole_after=1, heartbeat=3, out=out)
+    rc = await run_demo(idle=2.5, blackhole_after=1, heartbeat=3, out=out, streams=2, carriers=1)
     text = out.getvalue()
     assert rc == 1, text
-    assert "verdict: FAILED" in text
+    assert "verdict: FAILED - 2 of 2 hpc-relay streams did not answer" in text
     assert "hint: the heartbeat" in text
-    assert "answered in" not in _table_row(text, RELAY).split("  ")[-1]
+    for row in _relay_rows(text, 2):
+        assert "answered in" not in row.split("  ")[-1], row
+    assert (
+        f"{RELAY}: 2 streams rode 1 carrier (1 connection through the middlebox, black-holed)"
+        in text
+    ), text
+    assert _other_tasks() == []
+
+
+async def test_run_demo_rejects_bad_values() -> None:
+    for kwargs in ({"streams": 0}, {"carriers": 0}, {"heartbeat": 0}, {"idle": -1}):
+        with pytest.raises(ValueError):
+            await run_demo(out=StringIO(), **kwargs)
     assert _other_tasks() == []
 
 
@@ -212,44 +237,15 @@ async def test_login_node_forwards_only_to_the_middlebox_and_runs_nothing(tmp_pa
 
 
 def test_main_rejects_bad_values(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["--idle", "-1"], ["--heartbeat", "0"], ["--blackhole-after", "nan"]):
+    for argv in (
+        ["--idle", "-1"],
+        ["--heartbeat", "0"],
+        ["--blackhole-after", "nan"],
+        ["--streams", "0"],
+        ["--carriers", "two"],
+    ):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
-    assert "must be" in capsys.readouterr().err
-
-
-def _typical_descriptor_limit() -> None:
-    """A login shell's usual soft limit (this machine's may be higher)."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
-
-
-def test_relay_demo_command_prints_no_warning_and_explains_the_heartbeats() -> None:
-    """What a user sees from `relay demo`: nothing on stderr they would have to act on, and
-    a heartbeat summary that says who pinged whom."""
-    proc = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "relay"), "demo",
-         "--idle", "3", "--blackhole-after", "1.5", "--heartbeat", "0.5"],
-        capture_output=True, text=True, timeout=60, check=False,
-        preexec_fn=_typical_descriptor_limit,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stderr == ""
-    lines = proc.stdout.splitlines()
-    at = next(i for i, line in enumerate(lines) if line.startswith("heartbeats: "))
-    assert "the worker pinged after each 0.5 s without traffic and the exit answered" in lines[at]
-    assert "answered none" not in lines[at] and "mean round trip" in lines[at]
-    assert "RTT 0.0 ms" not in proc.stdout
-    assert lines[at + 1].strip() == (
-        "the exit pings only when the worker's PINGs stop coming: it sent none"
-    )
-
-
-def test_heartbeat_lines_when_the_exit_pinged_and_when_nothing_was_answered() -> None:
-    first, second = _heartbeat_lines(0, 0.0, 3, 2.25, 1.0)
-    assert first.endswith("the exit answered none;")
-    assert second.strip() == (
-        "the exit pinged too when the worker's PINGs stopped coming, answered 3 times "
-        "(mean round trip 2.2 ms)"
-    )
+    err = capsys.readouterr().err
+    assert "must be" in err and "not a whole number: 'two'" in err

@@ -20,7 +20,13 @@ from pathlib import Path
 import pytest
 
 from relay.check import OK, check_chain
-from relay.config import load_exit_config, load_worker_config
+from relay.config import (
+    EXIT_OPTIONS,
+    WORKER_OPTIONS,
+    Option,
+    load_exit_config,
+    load_worker_config,
+)
 from relay.exit import RelayExit
 from relay.sshhop import Login
 from relay.worker import WorkerSettings
@@ -270,6 +276,8 @@ def test_example_exit_toml_loads(tmp_path: Path) -> None:
     cfg = load_exit_config(["--config", str(DEPLOY / "systemd" / "exit.toml"), "--keys", str(keys)])
     assert cfg.listen.port == 80 and len(cfg.allow) == 4
     assert cfg.metrics is not None and cfg.log_format == "json"
+    assert (cfg.max_carriers, cfg.max_carriers_per_key) == (2000, 1000)
+    assert (cfg.max_streams, cfg.max_streams_per_key) == (50000, 20000)
     unit = UNIT.read_text()
     assert "--config /etc/hpc-relay/exit.toml" in unit
 
@@ -287,6 +295,27 @@ def test_example_worker_toml_loads(tmp_path: Path) -> None:
     cfg = load_worker_config(args)
     assert len(cfg.login) == 2 and cfg.exit[0].port == 80 and cfg.key_id == "jureca-1"
     assert cfg.socks.port == 0
+    assert cfg.carriers == 2
+
+
+@pytest.mark.parametrize(
+    ("path", "options"),
+    [
+        (DEPLOY / "systemd" / "exit.toml", EXIT_OPTIONS),
+        (DEPLOY / "jureca" / "worker.toml", WORKER_OPTIONS),
+    ],
+    ids=["exit.toml", "worker.toml"],
+)
+def test_example_configs_name_only_options_that_exist(
+    path: Path, options: tuple[Option, ...]
+) -> None:
+    """Keys shown commented out are there to be uncommented: each must still be an option
+    (a renamed one would stop the daemon with 'unknown key')."""
+    text = path.read_text()
+    known = {o.key for o in options if o.name != "config"}
+    commented = set(re.findall(r"^#\s?([a-z_]+) = ", text, re.MULTILINE))
+    assert commented, path
+    assert commented <= known, sorted(commented - known)
 
 
 # -- systemd ---------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.proto import ProtocolError
+from relay.proto import ProtocolError, seal
 from relay.proto import hello as hl
+from relay.proto import socks5 as s5
 
 SECRET = b"k" * 32
 KEY_ID = "worker-1"
@@ -23,17 +24,26 @@ EXIT_TS = 1700000000123
 
 # Test vectors quoted in docs/PROTOCOL.md.
 HELLO_VECTOR = (
-    "0108776f726b65722d310000018bcfe56800000102030405060708090a0b0c0d0e0f"
+    "0208776f726b65722d310000018bcfe56800000102030405060708090a0b0c0d0e0f"
     "00000000000000000000000000000000"
     "0000000000000000000061a800"
-    "2e9ce86b91638fb2edb40490f5cc30d1825f3e3ca2b40a2ada5703f78e811f82"
+    "8039f698384a982e5770a6c306d68d9ab85442342b505e3563429705c383717e"
 )
 REPLY_VECTOR = (
-    "0100101112131415161718191a1b1c1d1e1f000000000000000000006"
+    "0200101112131415161718191a1b1c1d1e1f000000000000000000006"
     "1a8202122232425262728292a2b2c2d2e2f0000018bcfe5687b"
-    "4f8c2c777ab873513045fcfbb9a51bebc6cd03fca0646bb9fe132fb468d950cf"
+    "94adae34c04c04a33409e0d15b72d170c5f348c0be18d02580957b538f9f4e24"
 )
-SESSION_KEY_VECTOR = "f5a5cccfe647b9b563e720fbd12f465b0ed1f919c1033c89d627b05d3c92ad69"
+SESSION_KEY_VECTOR = "68fbbc37dcfd008a140c85fbbbf4cfa4a170a06698729d01f93009406f1037c1"
+JOIN_TS = 1700000000456
+JOIN_NONCE = bytes(range(48, 64))
+JOIN_VECTOR = (
+    "0208776f726b65722d310000018bcfe569c8303132333435363738393a3b3c3d3e3f"
+    "101112131415161718191a1b1c1d1e1f"
+    "0000000000000000000061a800"
+    "2be0cab8da0203b361cf2c9b4c33781eb9dceb242b2195aae3cad1a69371373f"
+)
+"""A further carrier (or a resume) of the session above, signed with the session key."""
 
 key_ids = st.text(
     alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=64
@@ -77,9 +87,9 @@ def test_hello_vector() -> None:
     assert wire.hex() == HELLO_VECTOR
     # Independent construction from the documented layout.
     signed = (
-        bytes([1, 8]) + b"worker-1" + struct.pack("!Q16s16sQIB", TS, NONCE, bytes(16), 0, 25000, 0)
+        bytes([2, 8]) + b"worker-1" + struct.pack("!Q16s16sQIB", TS, NONCE, bytes(16), 0, 25000, 0)
     )
-    mac = hmac.new(SECRET, b"hpc-relay/1 hello" + signed, hashlib.sha256).digest()
+    mac = hmac.new(SECRET, b"hpc-relay/2 hello" + signed, hashlib.sha256).digest()
     assert wire == signed + mac
     hello = decoded_hello(wire)
     assert hello == hl.Hello(KEY_ID, TS, NONCE, hl.NEW_SESSION, 0, 25000, 0, mac, signed)
@@ -91,8 +101,8 @@ def test_reply_vector() -> None:
     hello_mac = vector_hello()[-hl.MAC_SIZE :]
     wire = vector_reply(hello_mac)
     assert wire.hex() == REPLY_VECTOR
-    body = struct.pack("!BB16sQI16sQ", 1, 0, SESSION, 0, 25000, EXIT_NONCE, EXIT_TS)
-    mac = hmac.new(SECRET, b"hpc-relay/1 hello-reply" + hello_mac + body, hashlib.sha256).digest()
+    body = struct.pack("!BB16sQI16sQ", 2, 0, SESSION, 0, 25000, EXIT_NONCE, EXIT_TS)
+    mac = hmac.new(SECRET, b"hpc-relay/2 hello-reply" + hello_mac + body, hashlib.sha256).digest()
     assert wire == body + mac
     reply = decoded_reply(wire)
     assert reply == hl.HelloReply(hl.OK, SESSION, 0, 25000, EXIT_NONCE, EXIT_TS, mac, body)
@@ -103,9 +113,53 @@ def test_session_key_vector() -> None:
     key = hl.session_key(SECRET, NONCE, EXIT_NONCE, SESSION)
     assert key.hex() == SESSION_KEY_VECTOR
     expected = hmac.new(
-        SECRET, b"hpc-relay/1 session" + NONCE + EXIT_NONCE + SESSION, hashlib.sha256
+        SECRET, b"hpc-relay/2 session" + NONCE + EXIT_NONCE + SESSION, hashlib.sha256
     ).digest()
     assert key == expected
+
+
+def test_join_vector() -> None:
+    """A further carrier of the session: its id, and the session key (not the secret)."""
+    key = bytes.fromhex(SESSION_KEY_VECTOR)
+    wire = hl.encode_hello(key, KEY_ID, JOIN_TS, JOIN_NONCE, SESSION, 0, 25000)
+    assert wire.hex() == JOIN_VECTOR
+    signed = (
+        bytes([2, 8])
+        + b"worker-1"
+        + struct.pack("!Q16s16sQIB", JOIN_TS, JOIN_NONCE, SESSION, 0, 25000, 0)
+    )
+    mac = hmac.new(key, b"hpc-relay/2 hello" + signed, hashlib.sha256).digest()
+    assert wire == signed + mac
+    hello = decoded_hello(wire)
+    assert hello.is_resume and hello.session_id == SESSION
+    assert hl.verify_hello(hello, key) and not hl.verify_hello(hello, SECRET)
+
+
+SEAL_KEYS_VECTOR = (
+    "d9e745368000389f67311055c6937550b01a8177b1166451db63e5162ed09d31",
+    "89fdf4b4e6837dcd9fe85c1969c1b67f1b7955b89660e465d9a32c3af7cc8fc9",
+)
+OPEN_ADDRESS_VECTOR = "0315636f6c6c6563746f722e6578616d706c652e6f72672592"
+
+
+def test_sealing_keys_and_open_address_vectors() -> None:
+    """The first carrier's record keys (worker-to-exit, exit-to-worker) of the session above,
+    and the destination bytes of an OPEN, as docs/PROTOCOL.md quotes them."""
+    key = hl.session_key(SECRET, NONCE, EXIT_NONCE, SESSION)
+    to_exit, to_worker = seal.derive_keys(key, NONCE, EXIT_NONCE)
+    assert (to_exit.hex(), to_worker.hex()) == SEAL_KEYS_VECTOR
+    label = b"hpc-relay/2 seal "
+    assert to_exit == hmac.new(key, label + b"w2e" + NONCE + EXIT_NONCE, hashlib.sha256).digest()
+    assert s5.encode_address("collector.example.org", 9618).hex() == OPEN_ADDRESS_VECTOR
+
+
+def test_version_1_hellos_and_replies_are_refused() -> None:
+    """A v1 peer (one carrier per stream) fails at the version byte, before any MAC."""
+    v1_hello = bytes([1]) + vector_hello()[1:]
+    with pytest.raises(ProtocolError, match="version 1"):
+        hl.decode_hello(v1_hello)
+    with pytest.raises(ProtocolError, match="version 1"):
+        hl.decode_reply(bytes([1]) + vector_reply(bytes(32))[1:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,10 +390,11 @@ def test_truncated_reply_returns_none() -> None:
     "wire",
     [
         b"\x00\x08",  # version 0
-        b"\x02\x08",  # version 2
-        b"\x01\x00",  # empty key id
-        b"\x01\x41",  # key id longer than 64
-        b"\x01\x02\xff\xfe" + bytes(53 + 32),  # non-ASCII key id
+        b"\x01\x08",  # version 1
+        b"\x03\x08",  # version 3
+        b"\x02\x00",  # empty key id
+        b"\x02\x41",  # key id longer than 64
+        b"\x02\x02\xff\xfe" + bytes(53 + 32),  # non-ASCII key id
     ],
 )
 def test_bad_hello_raises_protocol_error(wire: bytes) -> None:
@@ -347,7 +402,7 @@ def test_bad_hello_raises_protocol_error(wire: bytes) -> None:
         hl.decode_hello(wire)
 
 
-@pytest.mark.parametrize("first", [0, 2, 5, 0xFF])
+@pytest.mark.parametrize("first", [0, 1, 3, 5, 0xFF])
 def test_bad_reply_version_raises_protocol_error(first: int) -> None:
     with pytest.raises(ProtocolError):
         hl.decode_reply(bytes([first]))

@@ -31,7 +31,7 @@ from relay.loopbound import LoopBound
 from relay.policy import Policy
 from relay.sshhop import Login, SshUnavailable
 from relay.supervisor import Supervisor
-from relay.worker import RESUME_CONCURRENCY, RelayWorker, WorkerSettings
+from relay.worker import RelayWorker, WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("relay", "glidein_wrapper")
@@ -268,7 +268,7 @@ def test_daemon_objects_built_before_the_loop_work_inside_it(
             key_id="worker-1",
             secret=b"0" * 32,
             connect_timeout=2,
-            warm_carriers=2,
+            carriers=2,
         )
     )
     supervisor = Supervisor(["--workers", "2"], 2, "127.0.0.1", 0, None)
@@ -286,20 +286,15 @@ def test_daemon_objects_built_before_the_loop_work_inside_it(
             )
             assert all(isinstance(r, SshUnavailable) for r in results), results
 
-            slots = worker._resume_slots
-            for _ in range(RESUME_CONCURRENCY):
-                await slots.acquire()
-            waiter = asyncio.ensure_future(slots.acquire())
+            # The worker's carrier keepers wait on their events from inside the loop.
+            (client,) = worker.exits.values()
+            assert not client.ready.is_set()
+            client._wake.set()
             await asyncio.sleep(0)
-            assert not waiter.done()
-            slots.release()
-            await asyncio.wait_for(waiter, 5)
 
             for event in (supervisor._wake, supervisor.children[0].ready, signals.arrived):
                 asyncio.get_running_loop().call_soon(event.set)
                 await asyncio.wait_for(event.wait(), 5)
-            for pool in worker.warm.values():
-                pool.kick()
         finally:
             await worker.stop()
             await relay_exit.stop()

@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from python_socks.async_.asyncio import Proxy
 
 from relay.exit import RelayExit
 from relay.supervisor import Supervisor
 from relay.worker import RelayWorker, WorkerSettings
-from tests.helpers import KEY_ID, SECRET, exit_settings
+from tests.helpers import KEY_ID, SECRET, Servers, echo_handler, exit_settings, wait_for
 from tests.yamlfile import load_yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,6 +57,8 @@ DASHBOARD_FAMILIES = {
     "relay_resumes",
     "relay_parked_sessions",
     "relay_replay_buffer_bytes",
+    "relay_frames",
+    "relay_credit_stalls",
 }
 #: Series Prometheus makes itself, not the daemons.
 PROMETHEUS_SERIES = {"up"}
@@ -250,3 +253,89 @@ async def test_metrics_doc_lists_what_the_daemons_export(exported: set[str]) -> 
     assert families <= documented, (
         f"undocumented in docs/METRICS.md: {sorted(families - documented)}"
     )
+
+
+def test_dashboard_panels_do_not_overlap() -> None:
+    doc = json.loads(DASHBOARD.read_text())
+    cells: dict[tuple[int, int], str] = {}
+    for panel in doc["panels"]:
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in cells, (panel["title"], cells.get((x, y)))
+                cells[(x, y)] = panel["title"]
+
+
+async def scrape(address: tuple[str, int]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    samples = {}
+    for family in text_string_to_metric_families(await http_get(address, "/metrics")):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+async def test_carrier_metrics_count_workers_not_streams() -> None:
+    """What the dashboard's carrier, frame and credit-stall panels rely on, scraped over HTTP:
+    a worker's streams share its --carriers carriers, frames move both ways, and a stream
+    whose destination stops reading stalls on credit."""
+    servers = Servers()
+    echo_port = await servers.start(echo_handler)
+    done = asyncio.Event()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await done.wait()  # never reads: the stream's window fills up
+
+    sink_port = await servers.start(sink)
+    relay_exit = RelayExit(exit_settings(metrics_host="127.0.0.1", metrics_port=0))
+    await relay_exit.start()
+    worker = RelayWorker(
+        WorkerSettings(
+            socks_port=0,
+            exits=[relay_exit.address],
+            key_id=KEY_ID,
+            secret=SECRET,
+            heartbeat=1.0,
+            carriers=2,
+            replay_buffer=64 * 1024,
+            metrics_host="127.0.0.1",
+            metrics_port=0,
+        )
+    )
+    await worker.start()
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        client = worker.exits[relay_exit.address]
+        assert await wait_for(lambda: len(client.carriers) == 2)
+        proxy = f"socks5://{worker.address[0]}:{worker.address[1]}"
+        for n in range(6):
+            sock = await Proxy.from_url(proxy).connect("127.0.0.1", echo_port)
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writers.append(writer)
+            writer.write(b"line %d\n" % n)
+            assert await asyncio.wait_for(reader.readline(), 5) == b"line %d\n" % n
+        sock = await Proxy.from_url(proxy).connect("127.0.0.1", sink_port)
+        _, upload = await asyncio.open_connection(sock=sock)
+        writers.append(upload)
+        chunk = b"x" * 65536
+        with pytest.raises(asyncio.TimeoutError):
+            for _ in range(4096):  # 256 MiB: far more than the socket buffers hold
+                upload.write(chunk)
+                await asyncio.wait_for(upload.drain(), 1.0)
+
+        assert worker.metrics_address and relay_exit.metrics_address
+        worker_page = await scrape(worker.metrics_address)
+        exit_page = await scrape(relay_exit.metrics_address)
+        for page in (worker_page, exit_page):
+            assert page[("relay_carriers_active", ())] == 2
+            assert page[("relay_streams_active", ())] == 7
+            assert page[("relay_frames_total", (("direction", "in"),))] >= 7
+            assert page[("relay_frames_total", (("direction", "out"),))] >= 7
+        assert worker_page[("relay_credit_stalls_total", ())] >= 1
+    finally:
+        done.set()
+        for writer in writers:
+            writer.transport.abort()
+        await worker.stop()
+        await relay_exit.stop()
+        await servers.close()

@@ -113,3 +113,25 @@ def test_random_bytes_give_only_protocol_errors(blob):
 def test_bad_frames_are_protocol_errors(wire):
     with pytest.raises(ProtocolError):
         mux.FrameDecoder().feed(bytes.fromhex(wire))
+
+
+def test_sealed_record_vector_of_docs_protocol():
+    """docs/PROTOCOL.md section 10: session key -> the carrier's sealing keys -> the
+    worker's first record, carrying the OPEN vector above."""
+    from relay.proto import hello as hl
+    from relay.proto import seal
+
+    worker_nonce, exit_nonce = bytes(range(16)), bytes(range(32, 48))
+    key = hl.session_key(b"k" * 32, worker_nonce, exit_nonce, bytes(range(16, 32)))
+    assert key.hex() == "68fbbc37dcfd008a140c85fbbbf4cfa4a170a06698729d01f93009406f1037c1"
+    to_exit, to_worker = seal.derive_keys(key, worker_nonce, exit_nonce)
+    assert to_exit.hex() == "d9e745368000389f67311055c6937550b01a8177b1166451db63e5162ed09d31"
+    assert to_worker.hex() == "89fdf4b4e6837dcd9fe85c1969c1b67f1b7955b89660e465d9a32c3af7cc8fc9"
+    open_frame = mux.encode(mux.Open(1, b"\x03\x15collector.example.org\x25\x92"))
+    record = b"".join(seal.Sealer(to_exit).seal([open_frame]))
+    assert record.hex() == (
+        "00000032731f16d342c68d3c52adb50d19be5fa2a79c5fd4c39b1d337f00b9e6843d93fa64abe831"
+        "2f39fdc1bd92d005ae162a7f8811"
+    )
+    (plain,) = seal.Unsealer(to_exit).feed(record)
+    assert mux.FrameDecoder().feed(plain) == [mux.Open(1, b"\x03\x15collector.example.org\x25\x92")]

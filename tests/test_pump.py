@@ -1,5 +1,6 @@
-"""The byte pump on real sockets: what the carrier delivers reaches the plain side in order,
-the payloads of one loop callback in one write, and FIN only after them."""
+"""The multiplexed stream's pump on real sockets: what the carrier delivers reaches the plain
+side in order, the payloads of one loop callback in one write, and FIN only after them; the
+session's buffered-bytes tally follows sends, acknowledgements and the end."""
 
 from __future__ import annotations
 
@@ -9,38 +10,57 @@ import socket
 from typing import Any
 
 from relay.metrics import Metrics
-from relay.proto import frames as fr
-from relay.proto.stream import TunnelStream
-from relay.pump import PlainProtocol, ReplayTally, StreamInfo, TunnelPump
+from relay.muxpump import MuxDriver, MuxPump
+from relay.proto import session as ms
+from relay.pump import PlainProtocol, StreamInfo
+
+ADDRESS = b"\x01\x7f\x00\x00\x01\x25\x92"
 
 
-class _Carrier:
-    """The carrier end as the pump sees it: where frames to the peer go."""
+class _Link:
+    """The carrier as the driver sees it: what it writes is kept for the peer."""
 
     def __init__(self) -> None:
-        self.sent: list[bytes] = []
+        self.sent = bytearray()
 
     def writelines(self, pieces: Any) -> None:
-        self.sent.extend(bytes(p) for p in pieces)
+        for piece in pieces:
+            self.sent += piece
 
-    def write(self, data: bytes) -> None:
-        self.sent.append(bytes(data))
+    def take(self) -> bytes:
+        data, self.sent = bytes(self.sent), bytearray()
+        return data
 
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
+    def abort(self) -> None:
         pass
 
     def close(self) -> None:
         pass
 
-    def abort(self) -> None:
-        pass
+
+async def _pair(role: str) -> tuple[MuxDriver, ms.Session, _Link]:
+    """A driver for ``role`` on one unsealed carrier, and the peer's in-memory session."""
+    loop = asyncio.get_running_loop()
+    peer_role = ms.EXIT if role == ms.WORKER else ms.WORKER
+    driver = MuxDriver(ms.Session(role, heartbeat=30.0, now=loop.time()), Metrics(role))
+    peer = ms.Session(peer_role, heartbeat=30.0, now=loop.time())
+    link = _Link()
+    driver.add_link(1, link, None, None, b"")
+    peer.add_carrier(1, None, None, loop.time())
+    return driver, peer, link
+
+
+def _to_peer(peer: ms.Session, link: _Link, now: float) -> list[ms.Event]:
+    return peer.receive(1, link.take(), now)
+
+
+def _from_peer(peer: ms.Session, now: float) -> bytes:
+    return b"".join(bytes(p) for p in peer.output(1, now, budget=1 << 30))
 
 
 async def test_payloads_of_one_callback_leave_in_one_write_and_fin_follows_them() -> None:
     loop = asyncio.get_running_loop()
+    driver, peer, link = await _pair(ms.WORKER)
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
     transport, plain = await loop.create_connection(PlainProtocol, sock=ours)
@@ -53,15 +73,22 @@ async def test_payloads_of_one_callback_leave_in_one_write_and_fin_follows_them(
         real_writelines(chunks)
 
     transport.writelines = counting  # type: ignore[method-assign]
-    stream = TunnelStream(heartbeat=30.0, now=loop.time())
-    pump = TunnelPump(stream, StreamInfo("t", "x:1"), Metrics("worker"), plain_is_client=True)
+    sid = driver.session.open(ADDRESS)
+    pump = MuxPump(driver, sid, StreamInfo("t", "x:1"), plain_is_client=True)
     pump.attach_plain(plain)
-    carrier = _Carrier()
-    pump.attach_carrier(carrier)
+    driver.flush_now()
+    (opened,) = _to_peer(peer, link, loop.time())
+    assert opened == ms.Opened(sid, ADDRESS)
+    peer.answer(sid, 0)
+    driver.link_data(1, _from_peer(peer, loop.time()))
     pieces = [os.urandom(32 * 1024) for _ in range(8)]
-    for piece in pieces:  # as asyncssh delivers them: one SSH packet per call
-        pump.carrier_data(fr.data_header(len(piece)) + piece)
-    pump.carrier_data(fr.encode_fin(sum(map(len, pieces))))
+    for piece in pieces:
+        peer.send(sid, piece)
+    peer.send_fin(sid)
+    wire = _from_peer(peer, loop.time())
+    step = len(wire) // 8
+    for start in range(0, len(wire), step):  # as asyncssh delivers them: a packet per call
+        driver.link_data(1, wire[start : start + step])
     received = bytearray()
     while True:
         data = await loop.sock_recv(theirs, 1 << 20)
@@ -69,31 +96,38 @@ async def test_payloads_of_one_callback_leave_in_one_write_and_fin_follows_them(
             break
         received += data
     assert bytes(received) == b"".join(pieces)
-    assert writes == [8]
+    assert len(writes) == 1, writes  # one write for everything delivered in this callback
     theirs.close()
     pump.shutdown()
     transport.close()
+    driver.close("test over")
 
 
-async def test_the_replay_tally_follows_sends_acks_and_the_end() -> None:
+async def test_the_buffered_tally_follows_sends_acks_and_the_end() -> None:
     loop = asyncio.get_running_loop()
+    driver, peer, link = await _pair(ms.EXIT)
     ours, theirs = socket.socketpair()
     transport, plain = await loop.create_connection(PlainProtocol, sock=ours)
-    tally = ReplayTally()
-    stream = TunnelStream(heartbeat=30.0, now=loop.time())
-    pump = TunnelPump(
-        stream, StreamInfo("t", "x:1"), Metrics("exit"), plain_is_client=False, tally=tally
-    )
+    sid = peer.open(ADDRESS)
+    driver.link_data(1, _from_peer(peer, loop.time()))
+    pump = MuxPump(driver, sid, StreamInfo("t", "x:1"), plain_is_client=False)
     pump.attach_plain(plain)
-    pump.plain_data(b"x" * 1000)  # no carrier yet: kept for the next one
-    assert tally.bytes == 1000
-    carrier = _Carrier()
-    pump.attach_carrier(carrier, peer_offset=0)
+    driver.session.answer(sid, 0)
+    pump.plain_data(b"x" * 1000)
     pump.plain_data(b"y" * 500)
-    assert tally.bytes == 1500 == stream.replay_bytes
-    pump.carrier_data(fr.encode_ack(1200))
-    assert tally.bytes == 300 == stream.replay_bytes
+    assert driver.session.buffered == 1500
+    driver.flush_now()
+    events = _to_peer(peer, link, loop.time())
+    got = b"".join(bytes(e.payload) for e in events if isinstance(e, ms.Received))
+    assert got == b"x" * 1000 + b"y" * 500
+    assert driver.session.buffered == 1500  # sent, not acknowledged yet
+    peer.tick(loop.time())  # the peer acknowledges what it delivered at its next tick
+    driver.link_data(1, _from_peer(peer, loop.time()))
+    assert driver.session.buffered == 0
+    pump.plain_data(b"z" * 300)
+    assert driver.session.buffered == 300
     pump.shutdown()
-    assert tally.bytes == 0
+    assert driver.session.buffered == 0
     theirs.close()
     transport.close()
+    driver.close("test over")

@@ -6,6 +6,7 @@ line and the keys in force stay; a key added later works at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -122,6 +123,18 @@ class Flow:
 
     def close(self) -> None:
         self.task.cancel()
+        self.writer.close()
+
+    async def finish(self) -> None:
+        """End the stream cleanly: stop, half-close, read the rest up to the far end's
+        half-close, close (so that it ends as ``ok`` at both ends)."""
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+            self.writer.write_eof()
+            while await asyncio.wait_for(self.reader.read(1 << 16), 10):
+                pass
         self.writer.close()
 
 

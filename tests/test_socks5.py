@@ -116,6 +116,46 @@ def test_encode_address_rejects_bad_domain_length(host: str) -> None:
         s5.encode_address(host, 80)
 
 
+# decode_address: the destination of an OPEN frame, the bound address of a REPLY
+
+
+@given(hosts, ports)
+def test_decode_address_round_trip(host: str, port: int) -> None:
+    raw = s5.encode_address(host, port)
+    if raw[0] == s5.ATYP_DOMAIN and any(c < 0x21 or c == 0x7F for c in raw[2:-2]):
+        return  # names the decoder refuses (next test)
+    assert s5.decode_address(raw) == (expected_host(host), port, raw[0])
+
+
+@pytest.mark.parametrize(
+    ("raw", "reply"),
+    [
+        (b"", s5.ADDRESS_TYPE_NOT_SUPPORTED),
+        (b"\x01\x7f\x00\x00\x01\x00", s5.ADDRESS_TYPE_NOT_SUPPORTED),  # one port byte short
+        (b"\x01\x7f\x00\x00\x01\x00\x50\x00", s5.ADDRESS_TYPE_NOT_SUPPORTED),  # one too many
+        (b"\x03\x00\x00\x50", s5.HOST_UNREACHABLE),  # empty name
+        (b"\x03\x03a b\x00\x50", s5.HOST_UNREACHABLE),  # a space in the name
+        (b"\x03\x02\xc3\xbc\x00\x50", s5.HOST_UNREACHABLE),  # not ASCII
+        (b"\x05" + bytes(6), s5.ADDRESS_TYPE_NOT_SUPPORTED),  # unknown ATYP
+    ],
+)
+def test_decode_address_refuses_with_the_reply_to_send(raw: bytes, reply: int) -> None:
+    with pytest.raises(s5.Socks5Error) as info:
+        s5.decode_address(raw)
+    assert info.value.reply == reply
+
+
+@given(st.binary(max_size=300))
+def test_decode_address_arbitrary_bytes_raise_only_socks5_error(raw: bytes) -> None:
+    try:
+        host, port, atyp = s5.decode_address(raw)
+    except s5.Socks5Error as exc:
+        assert exc.reply in s5.REPLY_NAMES
+        return
+    assert atyp in (s5.ATYP_IPV4, s5.ATYP_DOMAIN, s5.ATYP_IPV6) and 0 <= port <= 65535
+    assert host.isascii() and host.isprintable() and " " not in host
+
+
 # ---------------------------------------------------------------------------------------------
 # server: RFC 1928 / RFC 1929 byte vectors
 
@@ -563,17 +603,28 @@ def test_any_split_of_server_stream(
 
 
 def tunnel_flight(trailing: bytes = b"") -> bytes:
+    """A worker's first flight (protocol v2): greeting and HELLO, no request; what follows is
+    the sealed data phase."""
     return (
         s5.Socks5Client().greeting(bytes([hl.METHOD_TUNNEL]))
         + hl.encode_hello(b"s" * 32, "worker-7", 1_700_000_000_000, bytes(16), hl.NEW_SESSION)
-        + s5.Socks5Client.request(s5.CMD_CONNECT, "collector.example.org", 9618)
         + trailing
     )
 
 
+def accept_tunnel(server: s5.Socks5Server, event: s5.Event) -> bytes:
+    """The exit's way: choose the tunnel method, answer the HELLO and leave the rest to the
+    data phase (no subnegotiation_done, no request)."""
+    if isinstance(event, s5.SubNegotiation):
+        return b"<subneg-answer>"
+    return accept_all(server, event)
+
+
 def test_tunnel_subnegotiation_in_one_flight() -> None:
     server = s5.Socks5Server({hl.METHOD_TUNNEL: hl.decode_hello})
-    flight = tunnel_flight(b"early")
+    # the data phase may start with bytes that look like a SOCKS5 request: never parsed
+    early = s5.Socks5Client.request(s5.CMD_CONNECT, "collector.example.org", 9618) + b"early"
+    flight = tunnel_flight(early)
     assert server.receive(flight) == [s5.Greeting(b"\x80")]
     assert server.select_method(hl.METHOD_TUNNEL) == b"\x05\x80"
     assert server.state == "subnegotiation"
@@ -587,10 +638,9 @@ def test_tunnel_subnegotiation_in_one_flight() -> None:
     assert hl.verify_hello(hello, b"s" * 32)
     assert server.state == "subnegotiation-decide"
     assert server.receive() == []
-    server.subnegotiation_done(True)
-    assert server.receive() == [s5.Request(s5.CMD_CONNECT, "collector.example.org", 9618, 3)]
-    server.reply(s5.SUCCEEDED)
-    assert server.trailing() == b"early"
+    assert server.receive(b"more") == []
+    assert server.trailing() == early + b"more"
+    assert server.trailing() == b""
 
 
 def test_tunnel_subnegotiation_refused_closes() -> None:
@@ -612,101 +662,29 @@ def test_tunnel_subnegotiation_bad_hello_raises_protocol_error() -> None:
         server.receive(b"\x07\x08worker-1")
 
 
+@pytest.mark.parametrize("version", [0, 1, 3])
+def test_tunnel_hello_of_another_version_raises_protocol_error(version: int) -> None:
+    """A v1 worker (HELLO version 1, CONNECT behind it) fails at its HELLO."""
+    server = s5.Socks5Server({hl.METHOD_TUNNEL: hl.decode_hello})
+    flight = bytearray(tunnel_flight())
+    flight[3] = version
+    assert server.receive(bytes(flight)) == [s5.Greeting(b"\x80")]
+    server.select_method(hl.METHOD_TUNNEL)
+    with pytest.raises(ProtocolError, match=f"version {version}"):
+        server.receive()
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=40), cuts_strategy)
 def test_tunnel_flight_any_split(trailing: bytes, cuts: list[int]) -> None:
     flight = tunnel_flight(trailing)
     server = s5.Socks5Server({hl.METHOD_TUNNEL: hl.decode_hello})
-    events, answers = drive_server(server, split_at(flight, cuts), accept_all)
-    assert [type(e) for e in events] == [s5.Greeting, s5.SubNegotiation, s5.Request]
+    events, answers = drive_server(server, split_at(flight, cuts), accept_tunnel)
+    assert [type(e) for e in events] == [s5.Greeting, s5.SubNegotiation]
     assert isinstance(events[1], s5.SubNegotiation)
     assert hl.verify_hello(events[1].message, b"s" * 32)  # type: ignore[arg-type]
-    assert answers.startswith(b"\x05\x80<subneg-answer>\x05\x00")
+    assert answers == b"\x05\x80<subneg-answer>"
     assert server.trailing() == trailing
-
-
-def answer_keep_warm(server: s5.Socks5Server, event: s5.Event) -> bytes:
-    if isinstance(event, s5.Request) and event.command == s5.CMD_KEEP_WARM:
-        return server.keep_warm_reply()
-    return accept_all(server, event)
-
-
-def test_keep_warm_bytes_and_reply() -> None:
-    assert bytes.fromhex("05800001000000000000") == s5.KEEP_WARM
-    assert s5.Socks5Client.request(s5.CMD_KEEP_WARM, "0.0.0.0", 0) == s5.KEEP_WARM
-    server = s5.Socks5Server({hl.METHOD_TUNNEL: hl.decode_hello})
-    flight = tunnel_flight()
-    cut = len(flight) - len(s5.Socks5Client.request(s5.CMD_CONNECT, "collector.example.org", 9618))
-    server.receive(flight[:cut] + s5.KEEP_WARM)
-    server.select_method(hl.METHOD_TUNNEL)
-    server.receive()
-    server.subnegotiation_done(True)
-    assert server.receive() == [s5.Request(s5.CMD_KEEP_WARM, "0.0.0.0", 0, s5.ATYP_IPV4)]
-    assert server.state == "reply"
-    assert server.keep_warm_reply() == bytes.fromhex("05000001000000000000")
-    assert server.state == "request"
-    with pytest.raises(RuntimeError):
-        server.keep_warm_reply()
-    assert server.receive(flight[cut:]) == [
-        s5.Request(s5.CMD_CONNECT, "collector.example.org", 9618, 3)
-    ]
-
-
-def test_keep_warm_reply_only_when_a_request_is_due() -> None:
-    server = s5.Socks5Server()
-    with pytest.raises(RuntimeError):
-        server.keep_warm_reply()
-    server.receive(b"\x05\x01\x00")
-    server.select_method(s5.NO_AUTH)
-    with pytest.raises(RuntimeError):
-        server.keep_warm_reply()
-
-
-@settings(max_examples=100, deadline=None)
-@given(st.integers(0, 8), st.binary(max_size=40), cuts_strategy)
-def test_keep_warms_then_connect_any_split(count: int, trailing: bytes, cuts: list[int]) -> None:
-    """Greeting, HELLO, any number of keep-warms, CONNECT and early data, split anywhere."""
-    flight = tunnel_flight(trailing)
-    connect = s5.Socks5Client.request(s5.CMD_CONNECT, "collector.example.org", 9618)
-    head = flight[: len(flight) - len(trailing) - len(connect)]
-    wire = head + s5.KEEP_WARM * count + connect + trailing
-    server = s5.Socks5Server({hl.METHOD_TUNNEL: hl.decode_hello})
-    events, answers = drive_server(server, split_at(wire, cuts), answer_keep_warm)
-    keep_warm = s5.Request(s5.CMD_KEEP_WARM, "0.0.0.0", 0, s5.ATYP_IPV4)
-    assert events[2:] == [keep_warm] * count + [
-        s5.Request(s5.CMD_CONNECT, "collector.example.org", 9618, 3)
-    ]
-    connect_reply = b"\x05\x00\x00\x01\x0a\x00\x00\x01\x04\x38"
-    assert answers == b"\x05\x80<subneg-answer>" + s5.KEEP_WARM_REPLY * count + connect_reply
-    assert server.trailing() == trailing
-
-
-@given(st.integers(0, 8), st.binary(max_size=40), cuts_strategy)
-def test_client_parses_keep_warm_replies_in_order(
-    count: int, trailing: bytes, cuts: list[int]
-) -> None:
-    client = s5.Socks5Client({hl.METHOD_TUNNEL: lambda buf: (b"ok", 2) if len(buf) >= 2 else None})
-    client.greeting(bytes([hl.METHOD_TUNNEL]))
-    wire = b"\x05\x80ok" + s5.KEEP_WARM_REPLY * count + b"\x05\x00\x00\x01\x0a\x00\x00\x01\x04\x38"
-    events: list[s5.Event] = []
-    for chunk in split_at(wire + trailing, cuts):
-        events += client.receive(chunk)
-        while client.state == "done" and sum(isinstance(e, s5.Reply) for e in events) <= count:
-            client.expect_reply()
-            events += client.receive()
-    replies = [e for e in events if isinstance(e, s5.Reply)]
-    assert replies == [s5.Reply(0, "0.0.0.0", 0)] * count + [s5.Reply(0, "10.0.0.1", 1080)]
-    assert client.trailing() == trailing
-
-
-def test_client_expect_reply_only_after_a_reply() -> None:
-    client = s5.Socks5Client()
-    with pytest.raises(RuntimeError):
-        client.expect_reply()
-    client.greeting(b"\x00")
-    client.receive(b"\x05\xff")
-    with pytest.raises(RuntimeError):
-        client.expect_reply()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,8 +17,11 @@ from typing import Any
 
 import pytest
 
-from relay.exit import RelayExit
-from tests.helpers import Servers, echo_handler, exit_settings, metric
+from glidein_wrapper.ready import InProcessCheck, NotReady, wait_ready
+from relay.config import HostPort
+from relay.exit import ExitMux, RelayExit
+from relay.worker import RelayWorker
+from tests.helpers import Servers, echo_handler, exit_settings, metric, worker_settings
 from tests.lab.relays import KEY_ID, SECRET, fetch
 from tests.lab.sshd import Sshd
 from tests.lab.wrapper import read_report, standin, wrapper_argv, write_worker_config
@@ -89,14 +92,32 @@ async def wait_path(path: Path, run: Run, timeout: float = 30) -> None:
         await asyncio.sleep(0.05)
 
 
+def carrier_joins(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The session id of every carrier the exit accepts from now on."""
+    joins: list[bytes] = []
+    join = ExitMux.join
+
+    def spy(self: ExitMux, *args: Any) -> int:
+        joins.append(self.session_id)
+        return join(self, *args)
+
+    monkeypatch.setattr(ExitMux, "join", spy)
+    return joins
+
+
 def config_for(tmp_path: Path, sshd: Sshd, ex: RelayExit, **extra: Any) -> Path:
     host, port = ex.address
     return write_worker_config(tmp_path / "worker", sshd, [f"{host}:{port}"], **extra)
 
 
 async def test_sigterm_reaches_the_command_which_exits_0_after_cleanup(
-    sshd: Sshd, relay_exit: RelayExit, echo_port: int, tmp_path: Path
+    sshd: Sshd,
+    relay_exit: RelayExit,
+    echo_port: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    joins = carrier_joins(monkeypatch)
     report = tmp_path / "report.json"
     metrics_port = await closed_port()
     argv = wrapper_argv(
@@ -124,8 +145,10 @@ async def test_sigterm_reaches_the_command_which_exits_0_after_cleanup(
     assert "reconnects=0" in status[-1] and "ssh=up" in status[-1]
     # the readiness probe went through the exit (the stand-in's loopback echo did not: the
     # interposer leaves loopback alone; test_wrapper_lab.py has destinations behind the exit)
-    print(relay_exit.metrics.exposition().decode())
     assert metric(relay_exit.metrics, "relay_streams_total", result="shutdown") == 1
+    # ... as a stream on the worker's own session: no carrier of its own (the exit accepted
+    # the worker's two carriers only, both of one session)
+    assert len(joins) == 2 and len(set(joins)) == 1, joins
 
 
 async def test_command_killed_by_a_signal_makes_the_wrapper_exit_128_plus_n(
@@ -183,8 +206,42 @@ async def test_not_ready_exits_75_naming_the_hop_and_starts_nothing(
     assert len(errors) == 1, run.text()
     assert f"failing hop: {hop} (" in errors[0] and "not ready after 3 s" in errors[0]
     if broken == "hello":
-        assert "the exit refused our HELLO: bad-auth" in errors[0]
+        assert "exit refused hello: bad-auth" in errors[0], errors[0]
     assert not marker.exists()
+
+
+async def test_in_process_gate_opens_probes_on_the_workers_session(
+    sshd: Sshd,
+    relay_exit: RelayExit,
+    echo_port: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The gate's probes are streams on the worker's own carrier: no carrier of their own;
+    an accepted probe is reset at once, a refused one names the probe hop."""
+    joins = carrier_joins(monkeypatch)
+    settings = worker_settings(
+        sshd, relay_exit.address, carriers=1, key_id=KEY_ID, secret=SECRET.encode()
+    )
+    worker = RelayWorker(settings)
+    await worker.start()
+    try:
+        took = await wait_ready(InProcessCheck(worker, [HostPort("127.0.0.1", echo_port)]), 10)
+        assert took < 10
+        closed = await closed_port()
+        with pytest.raises(NotReady) as refused:
+            await InProcessCheck(worker, [HostPort("127.0.0.1", closed)])()
+        assert refused.value.hop == "probe", refused.value
+        assert "the exit answered: connection refused" in refused.value.why
+        await InProcessCheck(worker, [])()  # no probe: the session is up, nothing is opened
+        client = worker.exits[relay_exit.address]
+        assert client.driver is not None and not client.driver.pumps
+        assert client.driver.session.live_streams() == 0
+    finally:
+        await worker.stop()
+    assert len(joins) == 1, joins
+    exit_metrics = relay_exit.metrics
+    assert metric(exit_metrics, "relay_streams_total", result="shutdown") == 1
+    assert metric(worker.metrics, "relay_streams_total", result="shutdown") == 1
 
 
 async def test_sigterm_while_waiting_for_the_chain_starts_nothing(

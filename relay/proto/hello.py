@@ -1,9 +1,11 @@
 """HELLO sub-negotiation of the tunnel method (SOCKS5 method 0x80): mutual HMAC authentication.
 
 The worker proves it holds the key's secret, the exit proves the same back over the worker's
-MAC (so a recorded reply cannot be replayed to a worker). A resume (non-zero session id) is
+MAC (so a recorded reply cannot be replayed to a worker). A carrier that joins an existing
+session (non-zero session id: a second carrier, or a resume after carriers died) is
 authenticated with the session key derived at the first HELLO instead, so somebody who only
-saw the session id on the wire cannot take the stream over.
+saw the session id on the wire cannot take the session over. The ``recv_offset`` fields of
+version 1 are reserved (zero): offsets are per stream now (relay.proto.session).
 """
 
 from __future__ import annotations
@@ -16,16 +18,16 @@ from typing import NamedTuple, Optional
 from relay.proto import ProtocolError
 
 METHOD_TUNNEL = 0x80
-VERSION = 1
+VERSION = 2
 NONCE_SIZE = 16
 SESSION_ID_SIZE = 16
 MAC_SIZE = 32
 MAX_KEY_ID = 64
 NEW_SESSION = bytes(SESSION_ID_SIZE)
 
-_HELLO_LABEL = b"hpc-relay/1 hello"
-_REPLY_LABEL = b"hpc-relay/1 hello-reply"
-_SESSION_LABEL = b"hpc-relay/1 session"
+_HELLO_LABEL = b"hpc-relay/2 hello"
+_REPLY_LABEL = b"hpc-relay/2 hello-reply"
+_SESSION_LABEL = b"hpc-relay/2 session"
 
 # ts_ms, nonce, session, recv_offset, heartbeat_ms, flags
 _HELLO_TAIL = struct.Struct("!Q16s16sQIB")

@@ -24,10 +24,6 @@ NO_ACCEPTABLE = 0xFF
 CMD_CONNECT = 0x01
 CMD_BIND = 0x02
 CMD_UDP_ASSOCIATE = 0x03
-CMD_KEEP_WARM = 0x80
-"""Private command (RFC 1928 leaves 0x80-0xFF unassigned): keeps an authenticated tunnel
-carrier waiting for its real request. Sent as :data:`KEEP_WARM`; the server answers with a
-success reply and waits for the next request (see docs/PROTOCOL.md, 3a)."""
 
 ATYP_IPV4 = 0x01
 ATYP_DOMAIN = 0x03
@@ -53,11 +49,6 @@ REPLY_NAMES = {
     COMMAND_NOT_SUPPORTED: "command not supported",
     ADDRESS_TYPE_NOT_SUPPORTED: "address type not supported",
 }
-
-KEEP_WARM = bytes((VERSION, CMD_KEEP_WARM, 0, ATYP_IPV4, 0, 0, 0, 0, 0, 0))
-"""The keep-warm request: ``05 80 00 01 00000000 0000`` (address 0.0.0.0:0)."""
-KEEP_WARM_REPLY = bytes((VERSION, SUCCEEDED, 0, ATYP_IPV4, 0, 0, 0, 0, 0, 0))
-"""The server's answer to a keep-warm: a success reply with address 0.0.0.0:0."""
 
 SubParser = Callable[[bytearray], Optional[tuple[object, int]]]
 """Parses a method-specific sub-negotiation message from the front of a buffer."""
@@ -157,6 +148,14 @@ def _decode_address(buf: bytearray, pos: int) -> Optional[tuple[str, int, int, i
     return host, port, atyp, end
 
 
+def decode_address(raw: bytes) -> tuple[str, int, int]:
+    """(host, port, atyp) of an address that fills ``raw`` exactly (OPEN and REPLY frames)."""
+    parsed = _decode_address(bytearray(raw), 0)
+    if parsed is None or parsed[3] != len(raw):
+        raise Socks5Error("truncated or overlong address", ADDRESS_TYPE_NOT_SUPPORTED)
+    return parsed[0], parsed[1], parsed[2]
+
+
 # Server states
 _S_GREETING = "greeting"
 _S_CHOOSE = "choose-method"
@@ -174,9 +173,10 @@ class Socks5Server:
     """Server side. Feed bytes with :meth:`receive`; answer each event with the matching call.
 
     Greeting -> select_method(); UserPass -> auth_reply(); SubNegotiation -> the caller sends
-    its own answer and calls subnegotiation_done(); Request -> reply(), or keep_warm_reply()
-    for a keep-warm, which waits for the next request. After a successful reply,
-    :meth:`trailing` holds any bytes the client already sent for the data phase.
+    its own answer and calls subnegotiation_done() (a method whose data phase starts right
+    after the sub-negotiation, like the tunnel's, takes :meth:`trailing` instead); Request ->
+    reply(). After a successful reply, :meth:`trailing` holds any bytes the client already
+    sent for the data phase.
     """
 
     def __init__(self, subparsers: Optional[Mapping[int, SubParser]] = None) -> None:
@@ -295,14 +295,6 @@ class Socks5Server:
         self._state = _S_DONE if code == SUCCEEDED else _S_CLOSED
         return bytes((VERSION, code, 0)) + encode_address(host, port)
 
-    def keep_warm_reply(self) -> bytes:
-        """Answer a keep-warm request (the caller checked it is one it accepts) and wait for
-        the next request; a CONNECT may already be in the buffer: call :meth:`receive`."""
-        if self._state != _S_REPLY:
-            raise RuntimeError(f"keep_warm_reply in state {self._state}")
-        self._state = _S_REQUEST
-        return KEEP_WARM_REPLY
-
     def trailing(self) -> bytes:
         """Bytes received beyond the negotiation; they belong to the data phase."""
         data = bytes(self._buf)
@@ -414,12 +406,6 @@ class Socks5Client:
     def subnegotiation_failed(self) -> None:
         """The caller rejected the sub-negotiation answer; no request reply will follow."""
         self._state = _C_DONE
-
-    def expect_reply(self) -> None:
-        """Another request reply is due (after a keep-warm reply): parse the next one."""
-        if self._state != _C_DONE or self.method is None or self.method == NO_ACCEPTABLE:
-            raise RuntimeError(f"expect_reply in state {self._state}")
-        self._state = _C_REPLY
 
     def trailing(self) -> bytes:
         data = bytes(self._buf)

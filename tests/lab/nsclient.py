@@ -21,6 +21,10 @@ Modes (each result is one JSON line on stdout, exit status 0 unless the argument
       python-socks instead of directly. --until-closed replaces the last exchange: wait at
       most --timeout seconds for the peer to end the connection and report how
       ("closed": "eof" | "reset" | "open", "closed_after": seconds).
+  many HOST PORT --streams N --socks URL [--timeout S]
+      Open N streams through the SOCKS5 proxy, one line echoed on each; print
+      {"event": "open", "open": n}; wait for a line on stdin (the test looks at the network
+      meanwhile); then echo one more line on every stream and print {"ok": n, "errors": [..]}.
 """
 
 from __future__ import annotations
@@ -187,6 +191,37 @@ def _until_closed(sock: socket.socket, timeout: float) -> dict[str, Any]:
     return {"closed": how, "closed_after": round(time.monotonic() - start, 3)}
 
 
+def many(args: argparse.Namespace) -> int:
+    from python_socks.sync import Proxy
+
+    proxy = Proxy.from_url(args.socks)
+    streams: list[tuple[socket.socket, _Lines]] = []
+    errors: list[str] = []
+    for i in range(args.streams):
+        try:
+            sock = proxy.connect(args.host, args.port, timeout=args.timeout)
+            lines = _Lines(sock)
+            sock.sendall(b"open %d\n" % i)
+            if lines.read_line(args.timeout) != b"open %d" % i:
+                raise ConnectionError("wrong echo")
+            streams.append((sock, lines))
+        except OSError as exc:
+            errors.append(f"open {i}: {type(exc).__name__}: {exc}")
+    _emit({"event": "open", "open": len(streams), "errors": errors[:5]})
+    sys.stdin.readline()
+    ok = 0
+    for i, (sock, lines) in enumerate(streams):
+        try:
+            sock.sendall(b"again %d\n" % i)
+            if lines.read_line(args.timeout) == b"again %d" % i:
+                ok += 1
+        except OSError as exc:
+            errors.append(f"again {i}: {type(exc).__name__}: {exc}")
+        sock.close()
+    _emit({"ok": ok, "errors": errors[:5]})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -208,7 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait-stdin", action="store_true", help="idle until a line on stdin")
     p.add_argument("--socks", default="", help="socks5://USER:PASS@HOST:PORT to connect through")
     p.add_argument("--until-closed", action="store_true", help="wait for the peer to close")
+    p = sub.add_parser("many")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--streams", type=int, default=100)
+    p.add_argument("--socks", required=True)
+    p.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args(argv)
+    if args.mode == "many":
+        return many(args)
     if args.mode == "echo-server":
         return echo_server(args.host, args.port)
     if args.mode == "connect":

@@ -359,10 +359,8 @@ async def test_every_denied_range_in_every_spelling(broad: RelayExit) -> None:
         assert carrier.status == hl.OK
         counts: dict[str, int] = {}
         for sid, (host, kind, reason) in enumerate(DENIED, start=1):
-            if kind == "ip":
-                address = s5.encode_address(host, port)
-            else:
-                address = domain_address(host, port)
+            encode = s5.encode_address if kind == "ip" else domain_address
+            address = encode(host, port)
             carrier.send(mux.encode_open(sid, address))
             reply = await carrier.reply(sid)
             assert reply.code == s5.NOT_ALLOWED, (host, reply)

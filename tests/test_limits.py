@@ -416,8 +416,9 @@ async def test_handshake_byte_cap() -> None:
         + s5.Socks5Client.userpass(KEY_ID, SECRET.decode())
         + s5.Socks5Client.request(s5.CMD_CONNECT, "127.0.0.1", 9)
     )
-    for flights in ([b"\x05\x01\x80" + hello + bytes(HANDSHAKE_BYTES_MAX)],
-                    [plain, bytes(HANDSHAKE_BYTES_MAX // 2), bytes(HANDSHAKE_BYTES_MAX // 2)]):  # fmt: skip
+    half = bytes(HANDSHAKE_BYTES_MAX // 2)
+    carrier_flood = [b"\x05\x01\x80" + hello + bytes(HANDSHAKE_BYTES_MAX)]
+    for flights in (carrier_flood, [plain, half, half]):
         conn = ExitConnection(relay_exit)
         transport = FakeTransport()
         conn.connection_made(transport)

@@ -470,7 +470,8 @@ WORKER_OPTIONS: tuple[Option, ...] = (
         "reconnect-max",
         30.0,
         "longest wait between attempts to get a lost carrier back (exponential backoff with"
-        " jitter, starting at 0.25 s)",
+        " jitter, starting at 0.25 s); while none is up, a client asking for a stream cuts"
+        " the wait short, at most once a second",
     ),
     Option(
         "no-optimistic",

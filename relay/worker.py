@@ -36,6 +36,9 @@ from relay.tlslink import TlsClient, TlsError, TlsVerifyError, client_context, c
 
 log = logging.getLogger("relay.worker")
 
+DEMAND_RETRY = 1.0
+"""Seconds between carrier attempts that waiting clients may ask for (ExitClient.demand)."""
+
 
 class WorkerSettings:
     """The knobs the worker reads, so tests and the demo need not build a whole config."""
@@ -139,6 +142,8 @@ class ExitClient:
     ready = LoopBound(asyncio.Event)
     """Set while a carrier is up."""
     _wake = LoopBound(asyncio.Event)
+    _demand = LoopBound(asyncio.Event)
+    """Set when a local client waits for a stream while no carrier is up."""
 
     def __init__(self, worker: RelayWorker, exit_addr: tuple[str, int]) -> None:
         self.worker = worker
@@ -160,12 +165,22 @@ class ExitClient:
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._keep_carriers())
+        self._task.add_done_callback(self._keeper_ended)
+
+    def _keeper_ended(self, task: asyncio.Future[None]) -> None:
+        """A bug, not an outage: without this task the exit never gets a carrier again."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "carrier keeper failed; this exit gets no new carriers",
+                exc_info=task.exception(),
+                extra={"fields": {"exit": format_hostport(*self.exit)}},
+            )
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
-                await asyncio.wait_for(self._task, 5)
+            # asyncio.wait, not wait_for: a cancel of close() itself must not be swallowed
+            await asyncio.wait({self._task}, timeout=5)
         for driver in [*self._old, *([self.driver] if self.driver else [])]:
             driver.close("worker stopping")
         self.driver = None
@@ -226,7 +241,24 @@ class ExitClient:
                     }
                 },
             )
-            await asyncio.sleep(max(backoff, wait))
+            await self._back_off(max(backoff, wait))
+
+    async def _back_off(self, seconds: float) -> None:
+        """Wait between attempts; a client asking for a stream (demand()) ends the wait, so a
+        key put back or a clock fixed is noticed at the next stream, not after up to
+        --reconnect-max."""
+        self._demand.clear()
+        waiter = asyncio.ensure_future(self._demand.wait())
+        try:
+            await asyncio.wait({waiter}, timeout=seconds)
+        finally:
+            waiter.cancel()
+
+    def demand(self) -> None:
+        """A client waits for a carrier: try again now if the last attempt failed at least
+        DEMAND_RETRY seconds ago (so many waiting clients make one attempt a second)."""
+        if not self.carriers and time.monotonic() - self.failed_at >= DEMAND_RETRY:
+            self._demand.set()
 
     async def _add_carrier(self) -> None:
         s = self.worker.settings
@@ -492,6 +524,8 @@ class RelayWorker(Daemon):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.connect_timeout
         while loop.time() < deadline:
+            for client in rotated:
+                client.demand()
             waits = [asyncio.ensure_future(c.ready.wait()) for c in rotated]
             try:
                 await asyncio.wait(

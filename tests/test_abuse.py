@@ -378,11 +378,6 @@ async def test_every_denied_range_in_every_spelling(broad: RelayExit) -> None:
         await servers.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay/proto/mux.py refuses an OPEN body under 7 bytes, but a one-letter name"
-    " is 5 (ATYP, length, name, port): the carrier is closed instead of the stream refused",
-)
 async def test_a_one_letter_name_is_refused_on_its_stream(broad: RelayExit) -> None:
     carrier = await HandCarrier.open(broad.address)
     try:

@@ -700,6 +700,30 @@ class ExitFuzz(RuleBasedStateMachine):
         self._send(conn, b"".join(conn.sealer.seal(out)), [])
         self._read(conn, 0.005)
 
+    @precondition(lambda self: any(c.sent and c.sealer and not c.broken for c in self.conns))
+    @rule(
+        index=st.integers(0, MAX_CONNS),
+        data=st.data(),
+        how=st.sampled_from(["data-gap", "fin-early", "ack-beyond"]),
+        beyond=st.integers(1, 2**32),
+    )
+    def stream_violation(self, index: int, data: st.DataObject, how: str,
+                         beyond: int) -> None:  # fmt: skip
+        """An authentic frame that cannot be right for a stream this carrier opened: the
+        stream is reset, the carrier goes on."""
+        conns = [c for c in self.conns if c.sent and c.sealer and not c.broken]
+        conn = conns[index % len(conns)]
+        assert conn.sealer is not None
+        sid = data.draw(st.sampled_from(sorted(conn.sent)))
+        sent = conn.sent[sid]
+        frame = {
+            "data-gap": mux.data_header(sid, sent + beyond, 1) + b"x",
+            "fin-early": mux.encode_fin(sid, sent + beyond),
+            "ack-beyond": mux.encode_ack(sid, 2**63 + beyond),
+        }[how]
+        self._send(conn, b"".join(conn.sealer.seal([frame])), [])
+        self._read(conn, 0.005)
+
     @precondition(lambda self: self.conns)
     @rule(index=st.integers(0, MAX_CONNS), data=st.binary(min_size=1, max_size=300))
     def garbage(self, index: int, data: bytes) -> None:

@@ -107,11 +107,14 @@ class Flow:
         self.reader, self.writer = reader, writer
         self.echoed = 0
         self.ended: BaseException | None = None
+        self.stopping = False
         self.task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
         try:
-            while True:
+            # the flag as well as the cancel: on 3.11 asyncio.wait_for() can swallow a
+            # cancel that arrives as the read completes, and the flow would echo forever
+            while not self.stopping:
                 message = os.urandom(2048)
                 self.writer.write(message)
                 got = await asyncio.wait_for(self.reader.readexactly(len(message)), 10)
@@ -122,12 +125,14 @@ class Flow:
             self.ended = exc
 
     def close(self) -> None:
+        self.stopping = True
         self.task.cancel()
         self.writer.close()
 
     async def finish(self) -> None:
         """End the stream cleanly: stop, half-close, read the rest up to the far end's
         half-close, close (so that it ends as ``ok`` at both ends)."""
+        self.stopping = True
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task

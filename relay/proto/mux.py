@@ -50,6 +50,7 @@ _U64 = struct.Struct("!Q")
 _DATA_HEAD = struct.Struct("!BIIQ")
 DATA_OVERHEAD = _DATA_HEAD.size
 _OFFSET_FLAG = struct.Struct("!QB")
+_ADDR_MIN = 1 + 1 + 1 + 2  # ATYP, length, a one-letter domain, port
 _ADDR_MAX = 1 + 1 + 255 + 2  # ATYP, length, domain, port
 
 # Reset codes (RST body's first byte).
@@ -250,9 +251,9 @@ def _body_ok(ftype: int, stream: int, length: int) -> None:
     elif ftype == RST:
         ok = 1 <= length <= 1 + MAX_REASON
     elif ftype == OPEN:
-        ok = 7 <= length <= _ADDR_MAX
+        ok = _ADDR_MIN <= length <= _ADDR_MAX
     elif ftype == REPLY:
-        ok = 8 <= length <= 1 + _ADDR_MAX
+        ok = 1 + _ADDR_MIN <= length <= 1 + _ADDR_MAX
     else:  # GOAWAY
         ok = length <= MAX_REASON
     if not ok:

@@ -464,14 +464,16 @@ WORKER_OPTIONS: tuple[Option, ...] = (
     _seconds(
         "connect-timeout",
         15.0,
-        "seconds to wait for an SSH login or a connection to the exit or upstream",
+        "seconds to wait for an SSH login or a connection to the exit or upstream; a new"
+        " stream waits this long for a carrier, but fails at once when every exit's last"
+        " attempt failed and it has no session to resume",
     ),
     _seconds(
         "reconnect-max",
         30.0,
         "longest wait between attempts to get a lost carrier back (exponential backoff with"
         " jitter, starting at 0.25 s); while none is up, a client asking for a stream cuts"
-        " the wait short, at most once a second",
+        " the wait short, at most once a second, unless the exit refused the last HELLO",
     ),
     Option(
         "no-optimistic",

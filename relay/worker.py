@@ -144,6 +144,8 @@ class ExitClient:
     _wake = LoopBound(asyncio.Event)
     _demand = LoopBound(asyncio.Event)
     """Set when a local client waits for a stream while no carrier is up."""
+    settled = LoopBound(asyncio.Event)
+    """Set when a carrier attempt ends, well or not (clients waiting in pick_exit look again)."""
 
     def __init__(self, worker: RelayWorker, exit_addr: tuple[str, int]) -> None:
         self.worker = worker
@@ -158,6 +160,11 @@ class ExitClient:
         self.lost_at: Optional[float] = None
         """When the last carrier went; None while one is up."""
         self.failed_at = 0.0
+        self.attempting = False
+        """A carrier attempt is under way."""
+        self.refused = False
+        """The last attempt was refused by the exit (key, clock, limits): a configuration
+        matter, retried only after --reconnect-max."""
         self.why = ""
         self._answers: dict[int, Callable[[int, bytes], None]] = {}
         self._old: list[MuxDriver] = []
@@ -199,9 +206,11 @@ class ExitClient:
                 self._wake.clear()
                 continue
             wait = 0.0
+            self.attempting = True
             try:
                 await self._add_carrier()
                 attempt = 0
+                self.refused = False
                 continue
             except SessionGone as exc:
                 self._session_over(RESUME_FAILED, f"exit refused the resume: {exc}")
@@ -210,13 +219,19 @@ class ExitClient:
                 # Refused by the exit (wrong key, clock, limits): a configuration matter that
                 # a quick retry does not fix; try again at the longest backoff.
                 self.why = str(exc)
+                self.refused = True
                 wait = s.reconnect_max
             except OpenFailed as exc:
                 self.why = str(exc)
+                self.refused = False
                 if isinstance(exc.__cause__, SshUnavailable):
                     wait = exc.__cause__.retry_after
             except (ProtocolError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
                 self.why = str(exc) or type(exc).__name__
+                self.refused = False
+            finally:
+                self.attempting = False
+                self.settled.set()
             self.failed_at = time.monotonic()
             if (
                 self.lost_at is not None
@@ -254,11 +269,26 @@ class ExitClient:
         finally:
             waiter.cancel()
 
-    def demand(self) -> None:
-        """A client waits for a carrier: try again now if the last attempt failed at least
-        DEMAND_RETRY seconds ago (so many waiting clients make one attempt a second)."""
-        if not self.carriers and time.monotonic() - self.failed_at >= DEMAND_RETRY:
+    def demand(self) -> bool:
+        """A client waits for a carrier: try again now if the last attempt failed (not
+        refused) at least DEMAND_RETRY seconds ago, so waiting clients make one a second.
+        True if an attempt is under way or asked for."""
+        if self.attempting or self._demand.is_set():
+            return True
+        if (
+            not self.carriers
+            and not self.refused
+            and time.monotonic() - self.failed_at >= DEMAND_RETRY
+        ):
             self._demand.set()
+            return True
+        return False
+
+    @property
+    def down(self) -> bool:
+        """No session and the last attempt failed: a new stream fails at once with ``why``
+        instead of waiting (a session that lost its carriers waits for a resume)."""
+        return self.driver is None and not self.attempting and self.failed_at > 0
 
     async def _add_carrier(self) -> None:
         s = self.worker.settings
@@ -524,9 +554,13 @@ class RelayWorker(Daemon):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.connect_timeout
         while loop.time() < deadline:
+            asked = [client.demand() for client in rotated]
+            if all(c.down for c in rotated) and not any(asked):
+                break  # every exit failed just now or refused us: say why at once
             for client in rotated:
-                client.demand()
+                client.settled.clear()
             waits = [asyncio.ensure_future(c.ready.wait()) for c in rotated]
+            waits += [asyncio.ensure_future(c.settled.wait()) for c in rotated]
             try:
                 await asyncio.wait(
                     waits,

@@ -138,10 +138,14 @@ async def _bulk_both_ways(rig: Rig) -> None:
             if marks and len(got) >= marks[0]:
                 marks.pop(0)
                 kind = kinds[len(performed)]
-                # wait until the previous cut was resumed (bytes may still be buffered)
+                # wait until the previous cut was resumed (bytes may still be buffered) and a
+                # carrier is up through the cutter (the stream may have moved to a carrier
+                # that the same black hole took, before its replacement came)
                 for _ in range(300):
                     resumed = metric(rig.worker.metrics, "relay_resumes_total", result="ok")
-                    if resumed == len(performed):
+                    if resumed >= len(performed) and any(
+                        not link.blackholed for link in rig.cutter.links
+                    ):
                         break
                     await asyncio.sleep(0.05)
                 count = rig.cutter.reset_all() if kind == "reset" else rig.cutter.blackhole_all()

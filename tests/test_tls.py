@@ -6,12 +6,14 @@ the options' errors."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -225,12 +227,23 @@ async def test_reload_swaps_the_certificate_for_new_connections(pki: Pki, login:
         settings = relay_exit.settings
         fresh = server_context(pki.self_signed.cert, pki.self_signed.key)
         relay_exit.reload(settings.keys, settings.policy, fresh, fingerprint(pki.self_signed.der))
-        assert await echo_once(worker, port) == b"ping\n"
+        # the worker's last attempt failed: the next stream that asks (at most one a second)
+        # makes it try again, and that one gets through
+        assert await echoes_soon(worker, port)
         assert relay_exit.settings.tls_fingerprint == fingerprint(pki.self_signed.der)
     finally:
         await worker.stop()
         await relay_exit.stop()
         await servers.close()
+
+
+async def echoes_soon(worker: RelayWorker, port: int, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ProxyError):
+            return await echo_once(worker, port) == b"ping\n"
+        await asyncio.sleep(0.2)
+    return False
 
 
 # -- refusals --------------------------------------------------------------------------------
@@ -358,11 +371,13 @@ async def test_streams_resume_over_tls_after_resets_and_black_holes(
             writer.write(message)
             sent.update(message)
             got.update(await asyncio.wait_for(reader.readexactly(len(message)), 20))
+            # at least one move per fault: more when the carrier the stream moved to was
+            # taken by the same black hole
             assert await wait_for(
-                lambda n=i + 1: metric(worker.metrics, "relay_resumes_total", result="ok") == n
+                lambda n=i + 1: metric(worker.metrics, "relay_resumes_total", result="ok") >= n
             )
         assert got.digest() == sent.digest()
-        assert metric(relay_exit.metrics, "relay_resumes_total", result="ok") == 3
+        assert metric(relay_exit.metrics, "relay_resumes_total", result="ok") >= 3
         assert exit_carrier_tls_versions(relay_exit)
         writer.close()
     finally:

@@ -50,14 +50,15 @@ SETUP_TIMEOUT = 10.0
 ECHO_PREFIX = b"echo: "
 
 DEMO_LIMITS = {
-    "max_streams": 16,
-    "max_streams_per_key": 16,
-    "max_handshakes": 16,
-    "max_warm_carriers": 4,
-    "max_warm_carriers_per_key": 4,
+    "max_streams": 256,
+    "max_streams_per_key": 256,
+    "max_handshakes": 64,
+    "max_carriers": 64,
+    "max_carriers_per_key": 64,
     "max_parked": 16,
 }
-"""The exit's limits in the demo (its defaults hold a production VM's load)."""
+"""The exit's limits in the demo: a laptop's, so that it asks for a laptop's share of
+descriptors (its defaults hold a production VM's load)."""
 
 PLAIN = "plain SOCKS5 (ssh -D + dante style)"
 RELAY = "hpc-relay"
@@ -586,12 +587,7 @@ async def run_demo(
                 policy=Policy.from_strings([f"{HOST}:{echo.address[1]}"]),
                 allow_plain=True,
                 heartbeat=heartbeat,
-                # A laptop's limits, so the exit asks for a laptop's share of descriptors.
-                max_streams=256,
-                max_streams_per_key=256,
-                max_handshakes=64,
-                max_carriers=64,
-                max_carriers_per_key=64,
+                **DEMO_LIMITS,
             )
         )
         stack.push_async_callback(relay_exit.stop)

@@ -103,6 +103,7 @@ class MuxPump:
         if self.done is not None:
             return
         self._sent += len(data)
+        self.driver.counting.add(self)
         if self.driver.session.send(self.sid, data):
             self._reading.pause("credit")
             self.metrics.credit_stalls.inc()
@@ -141,6 +142,7 @@ class MuxPump:
     # -- session events -------------------------------------------------------------------
     def on_data(self, payload: Any) -> None:
         self._recv += len(payload)
+        self.driver.counting.add(self)
         if self.plain is None:
             self._early.append(payload)
             return
@@ -257,6 +259,8 @@ class MuxDriver:
         self.metrics = metrics
         self.links: dict[int, Any] = {}
         self.pumps: dict[int, MuxPump] = {}
+        self.counting: set[MuxPump] = set()
+        """Pumps that moved bytes since the last tick: only they flush their counters."""
         self._paused: set[int] = set()
         self._dirty: set[int] = set()
         self._flush_handle: Optional[asyncio.Handle] = None
@@ -423,7 +427,8 @@ class MuxDriver:
         self._count()
         for carrier in self.session.carriers.values():
             self.metrics.streams_per_carrier.observe(carrier.streams)
-        for pump in list(self.pumps.values()):
+        counting, self.counting = self.counting, set()
+        for pump in counting:
             pump.flush_counters()
         if self.links or self.pumps:
             self._schedule_tick()

@@ -217,6 +217,9 @@ class Session:
         self._next_id = 1
         self._unbound: list[_Stream] = []
         self._ack_due: set[_Stream] = set()
+        self._graves: deque[_Stream] = deque()
+        """Streams in the order they went: tick() forgets the old ones without a walk over
+        every stream."""
         self.draining = False
         self.on_output: Optional[Callable[[int], None]] = None
         """Called with a carrier id when that carrier has something new to send."""
@@ -410,6 +413,8 @@ class Session:
         stream.state = _GONE
         stream.gone_frame = frame
         stream.gone_at = self._now
+        if self.tombstone_ttl:
+            self._graves.append(stream)
         self._drop_buffers(stream)
         self._ack_due.discard(stream)
         self._control(stream, frame)
@@ -839,10 +844,11 @@ class Session:
             for stream in due:
                 if stream.id in self.streams and not stream.ack_hold:
                     self._send_ack(stream)
-        if self.tombstone_ttl:
-            for stream in list(self.streams.values()):
-                if stream.state == _GONE and now - stream.gone_at > self.tombstone_ttl:
-                    self._forget(stream)
+        graves = self._graves
+        while graves and now - graves[0].gone_at > self.tombstone_ttl:
+            stream = graves.popleft()
+            if stream.state == _GONE and self.streams.get(stream.id) is stream:
+                self._forget(stream)
         return dead
 
     def next_tick(self, now: float) -> float:

@@ -389,7 +389,10 @@ def frames(draw: st.DrawFn, ports: tuple[int, int], known: list[int]) -> list[by
     out = []
     for _ in range(draw(st.integers(1, 4))):
         kind = draw(st.sampled_from(FRAME_KINDS))
-        sid = draw(st.sampled_from(known)) if known and draw(st.booleans()) else draw(STREAMS)
+        # the same draws whatever ``known`` holds: what the machine knows depends on the
+        # exit's timing, and hypothesis needs a replayed input to make the same choices
+        use_known, pick, other = draw(st.booleans()), draw(st.integers(0, 255)), draw(STREAMS)
+        sid = known[pick % len(known)] if known and use_known else other
         if kind == "open":
             port = {"echo": echo_port, "closed": closed_port}.get(draw(PORTS), 0)
             out.append(mux.encode_open(sid, address(draw(HOSTS), int(port or 0))))
@@ -602,7 +605,6 @@ class ExitFuzz(RuleBasedStateMachine):
         self._send(conn, mutate(flight, mutations), pieces)
         self._answered(conn)
 
-    @precondition(lambda self: self.sessions)
     @rule(
         index=st.integers(-1, MAX_CONNS),
         session=st.integers(0, 100),
@@ -612,7 +614,11 @@ class ExitFuzz(RuleBasedStateMachine):
     )
     def join_flight(self, index: int, session: int, signer: str, offset: int,
                     mutations: list[tuple[Any, ...]]) -> None:  # fmt: skip
-        """A further carrier of (or a resume of) a session the machine opened."""
+        """A further carrier of (or a resume of) a session the machine opened. (Rules whose
+        use depends on what the exit answered check that inside, not in a precondition: a
+        precondition that changes with the exit's timing makes hypothesis's replays flaky.)"""
+        if not self.sessions:
+            return
         conn = self._pick(index)
         assert conn is not None
         known = self.sessions[session % len(self.sessions)]
@@ -650,7 +656,6 @@ class ExitFuzz(RuleBasedStateMachine):
         self._read(conn, 0.005)
 
     # -- the sealed phase -------------------------------------------------------------------
-    @precondition(lambda self: any(c.sealer is not None and not c.broken for c in self.conns))
     @rule(
         index=st.integers(0, MAX_CONNS),
         data=st.data(),
@@ -663,16 +668,17 @@ class ExitFuzz(RuleBasedStateMachine):
         """Frames as this carrier's next record; mutated inside the record (authentic, so the
         frame decoder and the session get them) or on the wire (authentication fails)."""
         conn = self._sealed(index)
-        assert conn is not None and conn.sealer is not None
         ports = (self.exit.echo_port, self.exit.closed_port)
-        plain = mutate(b"".join(data.draw(frames(ports, sorted(conn.sent)))), inside) or b"\0"
+        drawn = data.draw(frames(ports, sorted(conn.sent) if conn else []))
+        if conn is None or conn.sealer is None:
+            return
+        plain = mutate(b"".join(drawn), inside) or b"\0"
         record = b"".join(conn.sealer.seal([plain]))
         if outside:
             conn.broken = True
         self._send(conn, mutate(record, outside), pieces)
         self._read(conn, 0.005)
 
-    @precondition(lambda self: any(c.sealer is not None and not c.broken for c in self.conns))
     @rule(
         index=st.integers(0, MAX_CONNS),
         sid=st.sampled_from([1, 3, 5, 7]),
@@ -684,7 +690,8 @@ class ExitFuzz(RuleBasedStateMachine):
                        fin: bool) -> None:  # fmt: skip
         """A stream used as a worker would: OPEN once, DATA at the right offsets, maybe FIN."""
         conn = self._sealed(index)
-        assert conn is not None and conn.sealer is not None
+        if conn is None or conn.sealer is None:
+            return
         out = []
         if sid not in conn.sent:
             conn.sent[sid] = 0
@@ -700,21 +707,23 @@ class ExitFuzz(RuleBasedStateMachine):
         self._send(conn, b"".join(conn.sealer.seal(out)), [])
         self._read(conn, 0.005)
 
-    @precondition(lambda self: any(c.sent and c.sealer and not c.broken for c in self.conns))
     @rule(
         index=st.integers(0, MAX_CONNS),
-        data=st.data(),
+        pick=st.integers(0, 255),
         how=st.sampled_from(["data-gap", "fin-early", "ack-beyond"]),
         beyond=st.integers(1, 2**32),
     )
-    def stream_violation(self, index: int, data: st.DataObject, how: str,
-                         beyond: int) -> None:  # fmt: skip
+    def stream_violation(self, index: int, pick: int, how: str, beyond: int) -> None:
         """An authentic frame that cannot be right for a stream this carrier opened: the
-        stream is reset, the carrier goes on."""
+        stream is reset, the carrier goes on. (No precondition and no draws that depend on
+        what the exit did, so that replayed inputs generate the same choices.)"""
         conns = [c for c in self.conns if c.sent and c.sealer and not c.broken]
+        if not conns:
+            return
         conn = conns[index % len(conns)]
         assert conn.sealer is not None
-        sid = data.draw(st.sampled_from(sorted(conn.sent)))
+        sids = sorted(conn.sent)
+        sid = sids[pick % len(sids)]
         sent = conn.sent[sid]
         frame = {
             "data-gap": mux.data_header(sid, sent + beyond, 1) + b"x",

@@ -19,7 +19,8 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+from collections.abc import Awaitable
+from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 from relay.addresses import format_hostport
 from relay.proto import socks5 as s5
@@ -35,8 +36,18 @@ from relay.proto.httpconnect import (
 from relay.pump import PlainProtocol
 from relay.sockopts import abort_with_reset, set_keepalive, set_nodelay, transport_socket
 
-if TYPE_CHECKING:
-    from relay.worker import RelayWorker
+
+class StreamOpener(Protocol):
+    """What the listeners need of relay.worker.RelayWorker (which imports this module)."""
+
+    metrics: Any
+    settings: Any
+    connections: set[Any]
+
+    def relay(
+        self, client: PlainProtocol, host: str, port: int, reply: Callable[..., Any]
+    ) -> Awaitable[None]: ...
+
 
 log = logging.getLogger("relay.worker")
 
@@ -85,7 +96,7 @@ class _LocalClient(PlainProtocol, abc.ABC):
     handshake_timeout: Optional[float] = HANDSHAKE_TIMEOUT
     timeout_stage = "local-handshake-timeout"
 
-    def __init__(self, worker: RelayWorker) -> None:
+    def __init__(self, worker: StreamOpener) -> None:
         super().__init__()
         self.worker = worker
         self.metrics = worker.metrics
@@ -164,7 +175,7 @@ class _LocalClient(PlainProtocol, abc.ABC):
 class Socks5Connection(_LocalClient):
     """One SOCKS5 client: RFC 1929 credentials (unless --no-socks-auth), CONNECT, a stream."""
 
-    def __init__(self, worker: RelayWorker) -> None:
+    def __init__(self, worker: StreamOpener) -> None:
         super().__init__(worker)
         self.socks = s5.Socks5Server()
 
@@ -221,7 +232,7 @@ class HttpConnectConnection(_LocalClient):
 
     timeout_stage = "local-http-timeout"
 
-    def __init__(self, worker: RelayWorker) -> None:
+    def __init__(self, worker: StreamOpener) -> None:
         super().__init__(worker)
         self.parser = HttpConnectParser()
 
@@ -287,7 +298,7 @@ class ForwardConnection(_LocalClient):
 
     handshake_timeout = None
 
-    def __init__(self, worker: RelayWorker, forward: Forward) -> None:
+    def __init__(self, worker: StreamOpener, forward: Forward) -> None:
         super().__init__(worker)
         self.forward = forward
 
@@ -307,7 +318,7 @@ class ForwardConnection(_LocalClient):
 class Listeners:
     """The HTTP CONNECT listener and static forwards of one worker (any of them may be off)."""
 
-    def __init__(self, worker: RelayWorker) -> None:
+    def __init__(self, worker: StreamOpener) -> None:
         self.worker = worker
         self.http: Optional[asyncio.Server] = None
         self.forwards: list[tuple[Forward, asyncio.Server]] = []

@@ -27,8 +27,7 @@ def test_script_passes_bash_n_and_shellcheck(script: Path) -> None:
     syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert syntax.returncode == 0, syntax.stderr
     shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck is not installed (scripts/install-debs installs it)")
+    assert shellcheck is not None, "shellcheck is not installed (scripts/install-debs installs it)"
     lint = subprocess.run(
         [shellcheck, "--shell=bash", "--severity=info", str(script)],
         capture_output=True,

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import asyncssh
 
 from relay.muxpump import MuxDriver
+from relay.openssh import OpenSshConnection
 from relay.proto import ProtocolError, seal
 from relay.proto import hello as hl
 from relay.proto.opener import CarrierOpener, Established, Refused
@@ -41,6 +42,19 @@ class CarrierBase:
         self.cid = 0
         self._held: list[bytes] = []
         self._lost: Optional[str] = None
+        self.via: Optional[OpenSshConnection] = None
+        """The ssh process whose forward this carrier is, if any."""
+        self._since = time.monotonic()
+
+    async def channel_failure(self) -> Optional[str]:
+        """Why the login node could not open this carrier's channel, if it said so."""
+        if self.via is None:
+            return None
+        why = await self.via.channel_failure(self._since)
+        if why is None:
+            return None
+        login = self.via.get_extra_info("login")
+        return f"login node {login.host if login else ''} cannot reach the exit: {why}"
 
     def start(self, opener: CarrierOpener) -> None:
         self.opener = opener
@@ -56,7 +70,14 @@ class CarrierBase:
         if self.opener is not None:
             early = self.opener.trailing() + early
             self.opener = None
-        driver.add_link(cid, self.link, seal.Sealer(to_exit), seal.Unsealer(to_worker), early)
+        driver.add_link(
+            cid,
+            self.link,
+            seal.Sealer(to_exit),
+            seal.Unsealer(to_worker),
+            early,
+            ack_small_reads=self.via is not None,
+        )
         if self._lost is not None:
             driver.drop_link(cid, self._lost)
         else:

@@ -3,10 +3,12 @@
 Hops, in order, each timed:
 
 ``ssh``
-    each login node: TCP, key exchange, host key against known_hosts, public key login.
+    each login node: TCP, key exchange, host key against known_hosts, public key login, by the
+    worker's SSH client (``--ssh-client``: the system's ssh, or asyncssh).
 ``tcp``
     the exit through each login node that let us in (the direct-tcpip channel the worker opens
-    for each of its carriers), or straight to the exit when no login node is configured.
+    for each of its carriers; with ssh, a connection to its forward), or straight to the exit
+    when no login node is configured.
 ``hello``
     the tunnel HELLO on that channel, starting a new session: both ends prove the shared
     secret; the exit's timestamp gives the clock skew, its answer the agreed heartbeat.
@@ -58,13 +60,14 @@ from relay.errors import ConfigError
 from relay.logs import setup_logging
 from relay.metrics import Metrics
 from relay.muxpump import MuxDriver, MuxPump
+from relay.openssh import OpenSshConnection, OpenSshError
 from relay.proto import ProtocolError, mux
 from relay.proto import hello as hl
 from relay.proto import session as ms
 from relay.proto import socks5 as s5
 from relay.proto.opener import AuthFailed, Established
 from relay.pump import RESET, StreamInfo
-from relay.sshhop import Login, SshHop
+from relay.sshhop import Connection, Login, SshHop
 from relay.tlslink import TlsError, TlsVerifyError, connect_tls
 from relay.worker import WorkerSettings
 
@@ -83,6 +86,10 @@ CLOCK_WINDOW_S = 120.0
 SKEW_WARN_S = CLOCK_WINDOW_S / 2
 FIN_WAIT_S = 2.0
 """How long a probe stream waits for the destination to close after our FIN, then resets."""
+HOST_KEY_PEEK_S = 3.0
+"""Longest wait for the login node's host key after ssh logged in: ssh does not say which key
+it saw, so the report fetches it once more."""
+DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 
 CHECK_OPTIONS: tuple[Option, ...] = (
     Option(
@@ -254,6 +261,16 @@ class _CheckSession:
         self.driver.close("relay check done")
 
 
+class _ChannelRefused(ConnectionError):
+    """ssh (``--ssh-client openssh``) accepted the carrier's connection, then closed it: the
+    login node refused the direct-tcpip channel; ``reason`` is what ssh logged after
+    "open failed:"."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"channel open failed: {reason}")
+        self.reason = reason
+
+
 class _Attempt:
     """What the carrier got to: channel, HELLO; times in seconds."""
 
@@ -322,7 +339,7 @@ class Checker:
         return self.hops
 
     # -- ssh --------------------------------------------------------------------------------
-    async def _ssh(self, login: Login) -> Optional[asyncssh.SSHClientConnection]:
+    async def _ssh(self, login: Login) -> Optional[Connection]:
         s = self.settings
         user = login.user or getpass.getuser()
         target = f"{user}@{format_hostport(login.host, login.port)}"
@@ -333,6 +350,10 @@ class Checker:
             self._metrics,
             keepalive=s.ssh_keepalive,
             connect_timeout=self.timeout,
+            client=s.ssh_client,
+            ssh_config=s.ssh_config,
+            targets=[] if s.upstream is not None else list(s.exits),
+            tcp_targets=[s.upstream] if s.upstream is not None else [],
         )
         started = time.monotonic()
         try:
@@ -343,75 +364,182 @@ class Checker:
             self.add(Hop("ssh", target, FAIL, elapsed, cause=cause, fix=fix, facts=why))
             return None
         elapsed = time.monotonic() - started
-        facts: dict[str, Any] = {"auth": "publickey"}
+        if isinstance(conn, OpenSshConnection):
+            detail, seen = await self._openssh_ok(login)
+            self.add(Hop("ssh", target, OK, elapsed, detail=detail, facts=seen))
+            return conn
+        facts: dict[str, Any] = {"client": "asyncssh", "auth": "publickey"}
         client = _key_fingerprint(s.ssh_key)
         if client:
             facts["client_key"] = client
         server = conn.get_server_host_key()
         if server is not None:
             facts["host_key"] = f"{server.get_algorithm()} {server.get_fingerprint()}"
-        where = str(s.known_hosts) if s.known_hosts else "~/.ssh/known_hosts"
+        where = str(s.known_hosts) if s.known_hosts else DEFAULT_KNOWN_HOSTS
         detail = f"auth publickey {client or ''}".rstrip()
         if "host_key" in facts:
             detail += f"; host key {facts['host_key']} matches {where}"
         self.add(Hop("ssh", target, OK, elapsed, detail=detail, facts=facts))
         return conn
 
+    async def _openssh_ok(self, login: Login) -> tuple[str, dict[str, Any]]:
+        """The ssh hop's detail when the system's ssh logged in. ssh does not tell which key
+        and host key it used; the host key is fetched once more (a key exchange, no login)
+        and shown when known_hosts lists it."""
+        s = self.settings
+        facts: dict[str, Any] = {"client": "openssh"}
+        detail = "ssh (OpenSSH client) logged in"
+        client = _key_fingerprint(s.ssh_key)
+        if client:
+            facts["client_key"] = client
+            detail += f" with {client}"
+        elif s.ssh_key is None:
+            detail += " with the key its configuration names"
+        presented = await self._presented_host_key(login, min(self.timeout, HOST_KEY_PEEK_S))
+        if presented:
+            known = s.known_hosts or Path(DEFAULT_KNOWN_HOSTS).expanduser()
+            where = str(s.known_hosts) if s.known_hosts else DEFAULT_KNOWN_HOSTS
+            if presented in _known_keys(known, login):
+                facts["host_key"] = presented
+                detail += f"; host key {presented} matches {where}"
+        return detail, facts
+
     async def _ssh_failure(
         self, login: Login, user: str, exc: BaseException
     ) -> tuple[str, str, dict[str, Any]]:
-        s = self.settings
-        where = f"{login.host} port {login.port}"
-        key_file = str(s.ssh_key) if s.ssh_key else "the default key"
         facts: dict[str, Any] = {"error": type(exc).__name__}
+        if isinstance(exc, OpenSshError):
+            facts.update(client="openssh", kind=exc.kind, ssh_said=str(exc))
+            return await self._openssh_failure(login, user, exc, facts)
+        facts["client"] = "asyncssh"
         if isinstance(exc, asyncssh.HostKeyNotVerifiable):
             return await self._host_key_failure(login, facts)
         if isinstance(exc, asyncssh.PermissionDenied):
-            fingerprint = _key_fingerprint(s.ssh_key)
-            facts["client_key"] = fingerprint
-            return (
-                f"wrong key: {login.host} refused the public key login of {user} with"
-                f" {key_file} ({fingerprint or 'unreadable key'})",
-                f"put {key_file}.pub in ~{user}/.ssh/authorized_keys on {login.host}, with a"
-                f" from= list that includes this node ({socket.gethostname()}); check that"
-                " --ssh-key names the key you registered",
-                facts,
-            )
+            return self._wrong_key(login, user, facts)
         if isinstance(exc, ConnectionRefusedError):
-            return (
-                f"connection refused: nothing listens on {where} (sshd down or wrong port)",
-                f"check the host and port in --login; try ssh -p {login.port} {user}@{login.host}"
-                " from this node",
-                facts,
-            )
+            return self._refused(login, user, facts)
         if isinstance(exc, asyncio.TimeoutError):
-            return (
-                f"no answer from {where} within {self.timeout:g} s",
-                "check that this node can reach the login node (site firewall, host name, the"
-                " node being down)",
-                facts,
-            )
+            return self._no_answer(login, facts)
         if isinstance(exc, socket.gaierror):
-            return (
-                f"cannot resolve {login.host}: {exc.strerror or exc}",
-                "check the host name in --login and this node's DNS",
-                facts,
-            )
+            return self._unresolved(login, str(exc.strerror or exc), facts)
         if isinstance(exc, (asyncssh.KeyImportError, asyncssh.KeyEncryptionError)):
-            return (
-                f"cannot load the SSH key {key_file}: {exc}",
-                "--ssh-key must name an unencrypted OpenSSH private key (ssh-keygen -N '')",
-                facts,
-            )
+            return self._bad_key(str(exc), facts)
         if isinstance(exc, asyncssh.DisconnectError):
+            return self._closed(login, exc.reason or type(exc).__name__, facts)
+        return (
+            f"cannot connect to {login.host} port {login.port}: {exc or type(exc).__name__}",
+            "check --login and that this node can reach the login node",
+            facts,
+        )
+
+    async def _openssh_failure(
+        self, login: Login, user: str, exc: OpenSshError, facts: dict[str, Any]
+    ) -> tuple[str, str, dict[str, Any]]:
+        """ssh exited before its forwards were up: ``exc.kind`` is what its stderr said."""
+        said = str(exc)
+        if exc.kind == "host-key":
+            return await self._host_key_failure(login, facts)
+        if exc.kind == "auth":
+            return self._wrong_key(login, user, facts)
+        if exc.kind == "refused":
+            return self._refused(login, user, facts)
+        if exc.kind == "timeout":
+            return self._no_answer(login, facts)
+        if exc.kind == "resolve":
+            return self._unresolved(login, said.rsplit(": ", 1)[-1], facts)
+        if exc.kind == "key":
+            return self._bad_key(said, facts)
+        if exc.kind == "closed":
+            return self._closed(login, said, facts)
+        if exc.kind == "missing":
             return (
-                f"{login.host} closed the connection: {exc.reason or type(exc).__name__}",
-                "look at sshd's log on the login node (MaxStartups, a ban after too many logins)",
+                f"no ssh on PATH: {said}",
+                "install openssh-client or use --ssh-client asyncssh",
                 facts,
             )
+        if exc.kind == "forward":
+            return (
+                f"ssh could not set up its local forwards: {said}",
+                "ssh needs to create Unix sockets in $XDG_RUNTIME_DIR (or $TMPDIR): check that"
+                " it can write there; or use --ssh-client asyncssh",
+                facts,
+            )
+        config = f" -F {self.settings.ssh_config}" if self.settings.ssh_config else ""
         return (
-            f"cannot connect to {where}: {exc or type(exc).__name__}",
-            "check --login and that this node can reach the login node",
+            f"ssh to {login.host} port {login.port} failed: {said}",
+            f"run ssh -v{config} -p {login.port} {user}@{login.host} from this node to see"
+            " why; or use --ssh-client asyncssh",
+            facts,
+        )
+
+    def _wrong_key(
+        self, login: Login, user: str, facts: dict[str, Any]
+    ) -> tuple[str, str, dict[str, Any]]:
+        s = self.settings
+        node = socket.gethostname()
+        if s.ssh_key is None:  # openssh: its configuration chose the keys
+            return (
+                f"wrong key: {login.host} refused the public key login of {user} with every"
+                " key ssh offered (no --ssh-key: the keys its configuration names)",
+                f"put the public key in ~{user}/.ssh/authorized_keys on {login.host}, with a"
+                f" from= list that includes this node ({node}); or name the key you"
+                " registered with --ssh-key",
+                facts,
+            )
+        key_file = str(s.ssh_key)
+        fingerprint = _key_fingerprint(s.ssh_key)
+        facts["client_key"] = fingerprint
+        return (
+            f"wrong key: {login.host} refused the public key login of {user} with"
+            f" {key_file} ({fingerprint or 'unreadable key'})",
+            f"put {key_file}.pub in ~{user}/.ssh/authorized_keys on {login.host}, with a"
+            f" from= list that includes this node ({node}); check that"
+            " --ssh-key names the key you registered",
+            facts,
+        )
+
+    def _refused(
+        self, login: Login, user: str, facts: dict[str, Any]
+    ) -> tuple[str, str, dict[str, Any]]:
+        return (
+            f"connection refused: nothing listens on {login.host} port {login.port} (sshd down"
+            " or wrong port)",
+            f"check the host and port in --login; try ssh -p {login.port} {user}@{login.host}"
+            " from this node",
+            facts,
+        )
+
+    def _no_answer(self, login: Login, facts: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+        return (
+            f"no answer from {login.host} port {login.port} within {self.timeout:g} s",
+            "check that this node can reach the login node (site firewall, host name, the"
+            " node being down)",
+            facts,
+        )
+
+    def _unresolved(
+        self, login: Login, why: str, facts: dict[str, Any]
+    ) -> tuple[str, str, dict[str, Any]]:
+        return (
+            f"cannot resolve {login.host}: {why}",
+            "check the host name in --login and this node's DNS",
+            facts,
+        )
+
+    def _bad_key(self, why: str, facts: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+        key_file = str(self.settings.ssh_key) if self.settings.ssh_key else "the default key"
+        return (
+            f"cannot load the SSH key {key_file}: {why}",
+            "--ssh-key must name an unencrypted OpenSSH private key (ssh-keygen -N '')",
+            facts,
+        )
+
+    def _closed(
+        self, login: Login, why: str, facts: dict[str, Any]
+    ) -> tuple[str, str, dict[str, Any]]:
+        return (
+            f"{login.host} closed the connection: {why}",
+            "look at sshd's log on the login node (MaxStartups, a ban after too many logins)",
             facts,
         )
 
@@ -449,11 +577,12 @@ class Checker:
             facts,
         )
 
-    async def _presented_host_key(self, login: Login) -> str:
+    async def _presented_host_key(self, login: Login, timeout: Optional[float] = None) -> str:
         """The login node's host key fingerprint (one more key exchange, no login)."""
         try:
             key = await asyncio.wait_for(
-                asyncssh.get_server_host_key(login.host, login.port), self.timeout
+                asyncssh.get_server_host_key(login.host, login.port),
+                self.timeout if timeout is None else timeout,
             )
         except (OSError, asyncssh.Error, asyncio.TimeoutError):
             return ""
@@ -461,10 +590,7 @@ class Checker:
 
     # -- exit and probes --------------------------------------------------------------------
     async def _path(
-        self,
-        login: Optional[Login],
-        conn: Optional[asyncssh.SSHClientConnection],
-        target: tuple[str, int],
+        self, login: Optional[Login], conn: Optional[Connection], target: tuple[str, int]
     ) -> None:
         """tcp, hello, connect (each probe) and heartbeat for one login node and one exit."""
         s = self.settings
@@ -479,12 +605,17 @@ class Checker:
             self.add(Hop("tcp", f"{name}{via}", FAIL, attempt.channel_s, cause=cause, fix=fix))
             self._skip_after("tcp", name)
             return
-        how = "direct-tcpip channel open" if conn is not None else "TCP connected"
+        how = "TCP connected"
+        if isinstance(conn, OpenSshConnection):
+            how = "direct-tcpip channel open (ssh's forward)"
+        elif conn is not None:
+            how = "direct-tcpip channel open"
         if s.exit_tls is not None:
             how += ", TLS certificate verified"
         self.add(Hop("tcp", f"{name}{via}", OK, attempt.channel_s, detail=how))
         if attempt.stage == "hello":
-            cause, fix = self._hello_failure(name, attempt.error)
+            forwarded = isinstance(conn, OpenSshConnection)
+            cause, fix = self._hello_failure(name, attempt.error, forwarded)
             self.add(Hop("hello", name, FAIL, attempt.hello_s, cause=cause, fix=fix))
             self._skip_after("hello", name)
             return
@@ -500,10 +631,13 @@ class Checker:
         finally:
             await session.close()
 
-    async def _open(
-        self, conn: Optional[asyncssh.SSHClientConnection], target: tuple[str, int]
-    ) -> _Attempt:
-        """The carrier through the chain, up to the exit's HELLO reply."""
+    async def _open(self, conn: Optional[Connection], target: tuple[str, int]) -> _Attempt:
+        """The carrier through the chain, up to the exit's HELLO reply.
+
+        Through ssh (``--ssh-client openssh``) the carrier is a connection to its forward,
+        which ssh accepts before the login node opens the channel: a refused channel is an
+        EOF, and ssh's log line says why.
+        """
         s = self.settings
         attempt = _Attempt()
         started = time.monotonic()
@@ -517,6 +651,11 @@ class Checker:
                     TcpCarrier, s.exit_tls, target[0], self.timeout,
                 )  # fmt: skip
                 carrier = cast(TcpCarrier, tls_carrier)
+            elif isinstance(conn, OpenSshConnection):
+                _, forwarded = await asyncio.wait_for(
+                    conn.create_connection(TcpCarrier, *target), self.timeout
+                )
+                carrier = cast(TcpCarrier, forwarded)
             elif conn is not None:
                 _, session = await asyncio.wait_for(
                     conn.create_connection(SshCarrier, *target), self.timeout
@@ -530,6 +669,8 @@ class Checker:
                 carrier = protocol
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
             attempt.error = exc
+            if isinstance(conn, OpenSshConnection) and not isinstance(exc, TlsVerifyError):
+                attempt.error = await _refused_channel(conn, started) or exc
             attempt.channel_s = time.monotonic() - started
             return attempt
         sent = time.monotonic()
@@ -545,6 +686,14 @@ class Checker:
             carrier.close()
             attempt.error = exc
             attempt.hello_s = time.monotonic() - sent
+            closed = isinstance(exc, ConnectionError) and not isinstance(exc, TunnelRefused)
+            if closed and isinstance(conn, OpenSshConnection):
+                refused = await _refused_channel(conn, started)
+                if refused is not None:
+                    attempt.stage = "tcp"
+                    attempt.error = refused
+                    attempt.channel_s = time.monotonic() - started
+                    attempt.hello_s = None
             return attempt
         hello_at = time.monotonic()
         hello_wall = time.time()
@@ -713,12 +862,14 @@ class Checker:
         )
 
     async def _upstream(
-        self, conn: Optional[asyncssh.SSHClientConnection], target: tuple[str, int], label: str
+        self, conn: Optional[Connection], target: tuple[str, int], label: str
     ) -> None:
         """--upstream mode: only the TCP hop to the plain SOCKS5 server is checked."""
         started = time.monotonic()
         try:
-            if conn is not None:
+            if isinstance(conn, OpenSshConnection):
+                await asyncio.wait_for(self._forwarded_upstream(conn, target), self.timeout)
+            elif conn is not None:
                 chan, _ = await asyncio.wait_for(
                     conn.create_connection(asyncssh.SSHTCPSession, *target), self.timeout
                 )
@@ -740,6 +891,24 @@ class Checker:
             )
         )
 
+    async def _forwarded_upstream(self, conn: OpenSshConnection, target: tuple[str, int]) -> None:
+        """The upstream through ssh's loopback forward, which accepts before the login node
+        opens the channel: a SOCKS5 greeting proves the far end is there (any answer does)."""
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", conn.local_port(*target))
+        try:
+            writer.write(bytes((s5.VERSION, 1, s5.NO_AUTH)))
+            answer = await reader.read(2)
+        except ConnectionResetError:  # ssh closed it with the greeting unread
+            answer = b""
+        finally:
+            writer.close()
+        if not answer:
+            refused = await _refused_channel(conn, started)
+            if refused is not None:
+                raise refused
+            raise ConnectionError("ssh closed the forwarded connection without an answer")
+
     def _skip_after(self, failed: str, name: str) -> None:
         order = ["tcp", "hello", "connect", "heartbeat"]
         for later in order[order.index(failed) + 1 :]:
@@ -753,18 +922,26 @@ class Checker:
     def _tcp_failure(
         self, login: Optional[Login], name: str, exc: Optional[BaseException]
     ) -> tuple[str, str]:
+        prohibited = False
+        reason: Optional[str] = None
         if isinstance(exc, asyncssh.ChannelOpenError):
+            prohibited = exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
+            reason = exc.reason
+        elif isinstance(exc, _ChannelRefused):
+            prohibited = "administratively prohibited" in exc.reason
+            reason = exc.reason
+        if reason is not None:
             node = login.host if login is not None else "the login node"
-            if exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
+            if prohibited:
                 return (
-                    f"{node} forbids forwarding to {name}: {exc.reason}",
+                    f"{node} forbids forwarding to {name}: {reason}",
                     "the key's authorized_keys line needs port-forwarding and a"
                     f' permitopen="{name}" for every exit address (and sshd must allow'
                     " TCP forwarding)",
                 )
             return (
                 f"exit unreachable from the login node: {node} could not connect to {name}"
-                f" ({exc.reason or 'connect failed'})",
+                f" ({reason or 'connect failed'})",
                 "is relay-exit running and listening there? the login node may reach the"
                 " outside on some ports only (80/443 at JSC): --exit must use one of them",
             )
@@ -796,7 +973,11 @@ class Checker:
             "check --exit and that this node (or the login node) can reach it",
         )
 
-    def _hello_failure(self, name: str, exc: Optional[BaseException]) -> tuple[str, str]:
+    def _hello_failure(
+        self, name: str, exc: Optional[BaseException], forwarded: bool = False
+    ) -> tuple[str, str]:
+        """``forwarded``: the carrier went through ssh's forward, which accepts it before
+        the login node has opened the channel."""
         s = self.settings
         key = s.key_id
         if isinstance(exc, TunnelRefused):
@@ -855,6 +1036,14 @@ class Checker:
                 f"{name} does not speak the tunnel protocol: {exc}",
                 "point --exit at relay-exit's --listen address as seen from the login node",
             )
+        if isinstance(exc, asyncio.TimeoutError) and forwarded:
+            return (
+                f"no HELLO reply from {name} within {self.timeout:g} s: the login node's"
+                " connection to it hangs (a firewall dropping it), or whatever listens there"
+                " is not answering like relay-exit",
+                f"check that the login node reaches {name} (nc -vz from there); look at the"
+                " exit's log",
+            )
         if isinstance(exc, asyncio.TimeoutError):
             return (
                 f"no HELLO reply from {name} within {self.timeout:g} s",
@@ -901,6 +1090,12 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a handshake's failure as seen (it is reported from the wait, or not at all)."""
     if not future.cancelled():
         future.exception()
+
+
+async def _refused_channel(conn: OpenSshConnection, since: float) -> Optional[_ChannelRefused]:
+    """The refusal ssh logged for a channel opened after ``since``, if any."""
+    reason = await conn.channel_failure(since)
+    return _ChannelRefused(reason) if reason is not None else None
 
 
 def _describe(exc: Optional[BaseException]) -> str:

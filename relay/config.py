@@ -387,10 +387,26 @@ WORKER_OPTIONS: tuple[Option, ...] = (
         repeatable=True,
     ),
     Option(
+        "ssh-client",
+        "choice",
+        "openssh",
+        "SSH client for the login hop: openssh runs the node's own ssh (crypto in C; honours"
+        " ~/.ssh/config: ProxyJump, certificates, GSSAPI); asyncssh is built in, for nodes"
+        " without ssh",
+        choices=("openssh", "asyncssh"),
+    ),
+    Option(
+        "ssh-config",
+        "path",
+        None,
+        "ssh_config file for --ssh-client openssh instead of ~/.ssh/config (ssh -F)",
+    ),
+    Option(
         "ssh-key",
         "secret-path",
         None,
-        "SSH private key for the login nodes (required with --login)",
+        "SSH private key for the login nodes (required with --ssh-client asyncssh; with"
+        " openssh, ssh's own configuration may name the key instead)",
     ),
     Option(
         "known-hosts",
@@ -558,6 +574,8 @@ class WorkerConfig:
     http: HostPort | None
     forward: tuple[ForwardTarget, ...]
     login: tuple[LoginTarget, ...]
+    ssh_client: str
+    ssh_config: Path | None
     ssh_key: Path | None
     known_hosts: Path | None
     exit: tuple[HostPort, ...]
@@ -1144,8 +1162,8 @@ def load_worker_config(argv: Sequence[str]) -> WorkerConfig:
 
     Cross-field rules: exactly one of --socks-auth / --no-socks-auth (a flag beats
     the file's choice of the other); without --upstream, --exit, --key-id and
-    --secret-file; --ssh-key whenever --login. Without --login the exit (or upstream)
-    is dialled directly.
+    --secret-file; --ssh-key whenever --login with --ssh-client asyncssh. Without --login the
+    exit (or upstream) is dialled directly.
     """
     loaded = _load("relay-worker", "worker", "exit", WORKER_OPTIONS, argv)
     v = loaded.values
@@ -1179,8 +1197,8 @@ def load_worker_config(argv: Sequence[str]) -> WorkerConfig:
             raise missing("key-id", "the exit needs it to look up this worker's secret")
         if v["secret_file"] is None:
             raise missing("secret-file", "the exit needs proof of the key id")
-    if v["login"] and v["ssh_key"] is None:
-        raise missing("ssh-key", "needed to log in to the --login nodes")
+    if v["login"] and v["ssh_key"] is None and v["ssh_client"] == "asyncssh":
+        raise missing("ssh-key", "--ssh-client asyncssh needs it to log in to the --login nodes")
     tls_given = [o for o in ("exit-ca", "exit-fingerprint", "exit-server-name") if v[opt(o).key]]
     if tls_given and v["upstream"] is not None:
         raise _err(

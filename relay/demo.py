@@ -608,6 +608,8 @@ async def run_demo(
                 socks_port=0,
                 socks_credentials=(socks_user, socks_password),
                 logins=[Login(SSH_USER, *login.address)],
+                # Built in, like the login node: the demo needs nothing outside Python.
+                ssh_client="asyncssh",
                 ssh_key=login.client_key_path,
                 known_hosts=login.known_hosts,
                 exits=[box.address],

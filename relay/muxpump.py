@@ -31,7 +31,7 @@ from relay.pump import (
     _describe,
     _Pausable,
 )
-from relay.sockopts import abort_with_reset
+from relay.sockopts import QUICKACK_BELOW, abort_with_reset
 
 log = logging.getLogger("relay.stream")
 
@@ -47,6 +47,15 @@ _RST_RESULT = {
     mux.RST_LIMIT: REFUSED,
     mux.RST_REFUSED: REFUSED,
 }
+
+
+def _last_stream(events: list[ms.Event]) -> int:
+    """The stream of the last stream event of a read (0: none, e.g. only a PONG)."""
+    for event in reversed(events):
+        sid = getattr(event, "stream", 0)
+        if sid:
+            return int(sid)
+    return 0
 
 
 class MuxPump:
@@ -263,6 +272,9 @@ class MuxDriver:
         """Pumps that moved bytes since the last tick: only they flush their counters."""
         self._paused: set[int] = set()
         self._dirty: set[int] = set()
+        self._ack_small: set[int] = set()
+        self._nudge: dict[int, int] = {}
+        """Carrier -> stream to ACK if the carrier has nothing else to send (add_link)."""
         self._flush_handle: Optional[asyncio.Handle] = None
         self._timer: Optional[asyncio.TimerHandle] = None
         self._on_open = on_open
@@ -280,9 +292,25 @@ class MuxDriver:
         self._stalls = 0
 
     # -- carriers -------------------------------------------------------------------------
-    def add_link(self, cid: int, link: Any, sealer: Any, unsealer: Any, early: bytes) -> None:
-        """A carrier joined the session; ``early`` is what it received after the HELLO."""
+    def add_link(
+        self,
+        cid: int,
+        link: Any,
+        sealer: Any,
+        unsealer: Any,
+        early: bytes,
+        *,
+        ack_small_reads: bool = False,
+    ) -> None:
+        """A carrier joined the session; ``early`` is what it received after the HELLO.
+
+        ``ack_small_reads``: answer a small read that leaves nothing else to send with an
+        ACK frame (Session.ack_now), for carriers that are an ssh process's forward; the
+        frame takes the TCP acknowledgement to the login node, whose sshd (without
+        TCP_NODELAY) would otherwise hold its next small packet until a delayed ACK."""
         self.links[cid] = link
+        if ack_small_reads:
+            self._ack_small.add(cid)
         self.session.add_carrier(cid, sealer, unsealer, self.loop.time())
         self.metrics.carriers_active.inc()
         self._schedule_tick()
@@ -305,6 +333,11 @@ class MuxDriver:
             return
         if events:
             self._dispatch(events)
+            if cid in self._ack_small and len(data) < QUICKACK_BELOW:
+                sid = _last_stream(events)
+                if sid:
+                    self._nudge[cid] = sid
+                    self._want(cid)
 
     def drop_link(self, cid: int, why: str, abort: bool = False) -> None:
         """The carrier is gone (closed, failed or declared dead); its streams move on."""
@@ -312,6 +345,8 @@ class MuxDriver:
         if link is None:
             return
         self._paused.discard(cid)
+        self._ack_small.discard(cid)
+        self._nudge.pop(cid, None)
         self.metrics.carriers_active.dec()
         if abort:
             with contextlib.suppress(OSError, RuntimeError):
@@ -346,10 +381,15 @@ class MuxDriver:
         now = self.loop.time()
         session = self.session
         paused = self._paused
+        nudge = self._nudge.pop(cid, 0)
         while cid not in paused:
             pieces = session.output(cid, now, FLUSH_BUDGET)
             if not pieces:
+                if nudge and session.ack_now(nudge):
+                    nudge = 0
+                    continue
                 break
+            nudge = 0
             try:
                 link.writelines(pieces)
             except (OSError, RuntimeError) as exc:

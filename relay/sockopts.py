@@ -45,6 +45,11 @@ def set_nodelay(sock: Optional[socket.socket]) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+QUICKACK_BELOW = 16384
+"""Reads smaller than this are acknowledged at once (quickack, or an ACK frame where the
+socket is an ssh process's): a bulk read is followed by more, whose ACKs come anyway."""
+
+
 def quickack(sock: Any) -> None:
     """Acknowledge what has arrived at once instead of after the delayed-ACK timer.
 

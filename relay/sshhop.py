@@ -1,4 +1,6 @@
-"""The SSH hop: one long-lived asyncssh connection to a login node, shared by every stream.
+"""The SSH hop: one long-lived connection to a login node, shared by every carrier.
+
+The connection is asyncssh's (in-process) or an ``ssh`` process (relay.openssh).
 
 JSC treats bursts of ssh logins as an intrusion, so the worker keeps one connection open,
 tries the login nodes in failover order, and never hammers them when they fail.
@@ -12,26 +14,26 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import asyncssh
 
 from relay.addresses import format_hostport
 from relay.loopbound import LoopBound
 from relay.metrics import Metrics
-from relay.sockopts import quickack
+from relay.openssh import CIPHERS, OpenSshConnection, OpenSshError
+from relay.sockopts import QUICKACK_BELOW, quickack
 
 log = logging.getLogger("relay.ssh")
 
-# OpenSSH's default cipher is chacha20-poly1305; AES-GCM is two to three times faster here.
-PREFERRED_CIPHERS = (
-    "aes128-gcm@openssh.com",
-    "aes256-gcm@openssh.com",
-    "chacha20-poly1305@openssh.com",
-    "aes128-ctr",
-    "aes192-ctr",
-    "aes256-ctr",
-)
+Connection = Union[asyncssh.SSHClientConnection, OpenSshConnection]
+"""A login connection; both kinds offer create_connection(), close() and wait_closed()."""
+
+_OPENSSH_HINTS = {
+    "host-key": "host key not verifiable ({}): check --known-hosts or ~/.ssh/known_hosts",
+    "auth": "permission denied ({}): the login node did not accept the key",
+    "missing": "{} (install OpenSSH's client or use --ssh-client asyncssh)",
+}
 
 
 class Login(NamedTuple):
@@ -41,10 +43,6 @@ class Login(NamedTuple):
 
     def __str__(self) -> str:
         return (self.user + "@" if self.user else "") + format_hostport(self.host, self.port)
-
-
-QUICKACK_BELOW = 16384
-"""Reads from the login node smaller than this are acknowledged at once."""
 
 
 class BatchedWrites:
@@ -191,7 +189,14 @@ class SshHop:
         connect_timeout: float = 15.0,
         connects_per_minute: float = 4.0,
         retry_after: float = 1.0,
+        client: str = "asyncssh",
+        targets: Sequence[tuple[str, int]] = (),
+        tcp_targets: Sequence[tuple[str, int]] = (),
+        ssh_config: Optional[Path] = None,
     ) -> None:
+        """``client`` is "asyncssh" (in-process) or "openssh" (the ``ssh`` program, see
+        relay.openssh), which forwards only ``targets`` (Unix sockets, for carriers) and
+        ``tcp_targets`` (loopback ports)."""
         if not logins:
             raise ValueError("at least one login node")
         self.logins = list(logins)
@@ -201,10 +206,14 @@ class SshHop:
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
         self.retry_after = retry_after
+        self.client = client
+        self.targets = list(targets)
+        self.tcp_targets = list(tcp_targets)
+        self.ssh_config = ssh_config
         now = time.monotonic()
         self._budgets = [ConnectBudget(connects_per_minute, now) for _ in self.logins]
         self._preferred = 0
-        self._conn: Optional[asyncssh.SSHClientConnection] = None
+        self._conn: Optional[Connection] = None
         self.current: Optional[Login] = None
         self._last_failure = -1e9
         self._last_error: Optional[SshUnavailable] = None
@@ -215,7 +224,7 @@ class SshHop:
     def connected(self) -> bool:
         return self._conn is not None
 
-    async def connection(self) -> asyncssh.SSHClientConnection:
+    async def connection(self) -> Connection:
         """The live connection, opening one if there is none.
 
         Login nodes are tried in failover order starting with the one that worked last;
@@ -247,7 +256,7 @@ class SshHop:
                 try:
                     conn = await self._connect(login)
                 except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
-                    why = _explain(exc)
+                    why = explain(exc)
                     self.metrics.ssh_connects.labels(str(login), "failed").inc()
                     log.warning(
                         "SSH to login node failed",
@@ -270,7 +279,7 @@ class SshHop:
             )
             raise self._last_error
 
-    async def connect_to(self, login: Login) -> asyncssh.SSHClientConnection:
+    async def connect_to(self, login: Login) -> Connection:
         """A connection to ``login`` alone, with the worker's options; errors raised unchanged.
 
         For ``relay check``, which tries every login node and explains the exact error. The
@@ -278,7 +287,28 @@ class SshHop:
         """
         return await self._connect(login)
 
-    async def _connect(self, login: Login) -> asyncssh.SSHClientConnection:
+    async def _connect(self, login: Login) -> Connection:
+        conn: Connection
+        if self.client == "openssh":
+            conn = await OpenSshConnection.start(
+                login.host,
+                login.port,
+                login.user,
+                self.targets,
+                tcp_targets=self.tcp_targets,
+                client_key=self.client_key,
+                known_hosts=self.known_hosts,
+                keepalive=self.keepalive,
+                connect_timeout=self.connect_timeout,
+                config=self.ssh_config,
+            )
+        else:
+            conn = await self._connect_asyncssh(login)
+        conn.set_extra_info(login=login)
+        self._watcher = asyncio.ensure_future(self._watch(conn, login))
+        return conn
+
+    async def _connect_asyncssh(self, login: Login) -> asyncssh.SSHClientConnection:
         options: dict[str, Any] = {
             "username": login.user or getpass.getuser(),
             "port": login.port,
@@ -288,18 +318,15 @@ class SshHop:
             "keepalive_interval": self.keepalive,
             "keepalive_count_max": 3,
             "tcp_keepalive": True,
-            "encryption_algs": list(PREFERRED_CIPHERS),
+            "encryption_algs": list(CIPHERS),
             "connect_timeout": self.connect_timeout,
             "tunnel": _LoginDialer(),
         }
         if self.known_hosts is not None:
             options["known_hosts"] = str(self.known_hosts)
-        conn = await asyncssh.connect(login.host, **options)
-        conn.set_extra_info(login=login)
-        self._watcher = asyncio.ensure_future(self._watch(conn, login))
-        return conn
+        return await asyncssh.connect(login.host, **options)
 
-    async def _watch(self, conn: asyncssh.SSHClientConnection, login: Login) -> None:
+    async def _watch(self, conn: Connection, login: Login) -> None:
         await conn.wait_closed()
         if self._conn is conn:
             self._conn = None
@@ -318,7 +345,10 @@ class SshHop:
             await conn.wait_closed()
 
 
-def _explain(exc: BaseException) -> str:
+def explain(exc: BaseException) -> str:
+    """One line for the log and the client's error: what failed, and the flag to check."""
+    if isinstance(exc, OpenSshError):
+        return _OPENSSH_HINTS.get(exc.kind, "{}").format(str(exc))
     if isinstance(exc, asyncssh.HostKeyNotVerifiable):
         return f"host key not verifiable ({exc.reason}): check --known-hosts"
     if isinstance(exc, asyncssh.PermissionDenied):

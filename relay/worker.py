@@ -23,6 +23,7 @@ from relay.listeners import Listeners, Socks5Connection
 from relay.loopbound import LoopBound
 from relay.metrics import Metrics
 from relay.muxpump import MuxDriver, MuxPump
+from relay.openssh import OpenSshConnection
 from relay.proto import ProtocolError, mux
 from relay.proto import hello as hl
 from relay.proto import session as ms
@@ -48,6 +49,8 @@ class WorkerSettings:
         self.socks_port: int = kwargs.pop("socks_port", 1080)
         self.socks_credentials: Optional[tuple[str, str]] = kwargs.pop("socks_credentials", None)
         self.logins: list[Login] = list(kwargs.pop("logins", []))
+        self.ssh_client: str = kwargs.pop("ssh_client", "openssh")
+        self.ssh_config: Optional[Path] = kwargs.pop("ssh_config", None)
         self.ssh_key: Optional[Path] = kwargs.pop("ssh_key", None)
         self.known_hosts: Optional[Path] = kwargs.pop("known_hosts", None)
         self.exits: list[tuple[str, int]] = list(kwargs.pop("exits", []))
@@ -89,6 +92,8 @@ class WorkerSettings:
             socks_port=cfg.socks.port,
             socks_credentials=None if cfg.no_socks_auth else load_userpass(cfg.socks_auth),
             logins=[Login(t.user, t.host, t.port) for t in cfg.login],
+            ssh_client=cfg.ssh_client,
+            ssh_config=cfg.ssh_config,
             ssh_key=cfg.ssh_key,
             known_hosts=cfg.known_hosts,
             exits=[(e.host, e.port) for e in cfg.exit],
@@ -481,7 +486,10 @@ class RelayWorker(Daemon):
                 keepalive=settings.ssh_keepalive,
                 connect_timeout=settings.connect_timeout,
                 connects_per_minute=settings.ssh_connect_rate,
+                client=settings.ssh_client,
+                ssh_config=settings.ssh_config,
             )
+        self._set_forwards()
         self._next_exit = 0
         self._stopping = False
         self._forward: Optional[tuple[Any, Any]] = None
@@ -490,6 +498,7 @@ class RelayWorker(Daemon):
 
     async def start(self) -> None:
         s = self.settings
+        self._set_forwards()
         await self._listen(
             lambda: Socks5Connection(self),
             s.socks_host,
@@ -513,6 +522,13 @@ class RelayWorker(Daemon):
         if s.upstream is None:
             for exit_addr in s.exits:
                 self._add_exit(exit_addr)
+
+    def _set_forwards(self) -> None:
+        """What an ssh process forwards (--ssh-client openssh): read when it starts."""
+        s = self.settings
+        if self.ssh is not None:
+            self.ssh.targets = [] if s.upstream else list(s.exits)
+            self.ssh.tcp_targets = [s.upstream] if s.upstream else []
 
     def _add_exit(self, exit_addr: tuple[str, int]) -> None:
         client = ExitClient(self, exit_addr)
@@ -586,6 +602,10 @@ class RelayWorker(Daemon):
             raise
         except (ProtocolError, ConnectionError) as exc:
             carrier.close()
+            refusal = await carrier.channel_failure()
+            if refusal is not None:
+                self.metrics.carriers.labels("exit-unreachable").inc()
+                raise OpenFailed(s5.GENERAL_FAILURE, refusal) from None
             self.metrics.carriers.labels("failed").inc()
             raise OpenFailed(s5.GENERAL_FAILURE, f"tunnel handshake: {exc}") from None
         self.metrics.carriers.labels("ok").inc()
@@ -600,9 +620,15 @@ class RelayWorker(Daemon):
                 carrier = await self._dial_tls(exit_addr, self.settings.exit_tls)
             elif self.ssh is not None:
                 conn = await self.ssh.connection()
-                _, session = await conn.create_connection(SshCarrier, exit_host, exit_port)
-                assert isinstance(session, SshCarrier)
-                carrier = session
+                if isinstance(conn, OpenSshConnection):
+                    _, tcp = await conn.create_connection(TcpCarrier, exit_host, exit_port)
+                    assert isinstance(tcp, TcpCarrier)
+                    carrier = tcp
+                    carrier.via = conn
+                else:
+                    _, session = await conn.create_connection(SshCarrier, exit_host, exit_port)
+                    assert isinstance(session, SshCarrier)
+                    carrier = session
             else:
                 loop = asyncio.get_running_loop()
                 transport, carrier = await loop.create_connection(TcpCarrier, exit_host, exit_port)
@@ -641,6 +667,7 @@ class RelayWorker(Daemon):
         """TLS over the direct-tcpip channel (or TCP), handshake finished and verified."""
         host, port = exit_addr
         open_raw: Callable[[Callable[[], Any]], Any]
+        conn: Any = None
         if self.ssh is not None:
             conn = await self.ssh.connection()
 
@@ -653,14 +680,27 @@ class RelayWorker(Daemon):
             def open_raw(factory: Callable[[], Any]) -> Any:
                 return loop.create_connection(factory, host, port)
 
-        link, carrier = await connect_tls(
-            open_raw, TcpCarrier, tls, host, self.settings.connect_timeout
-        )
+        since = time.monotonic()
+        try:
+            link, carrier = await connect_tls(
+                open_raw, TcpCarrier, tls, host, self.settings.connect_timeout
+            )
+        except TlsError as exc:
+            refused = None
+            if isinstance(conn, OpenSshConnection) and not isinstance(exc, TlsVerifyError):
+                refused = await conn.channel_failure(since)
+            if refused is not None:
+                raise ConnectionRefusedError(
+                    f"login node cannot reach exit {format_hostport(host, port)}: {refused}"
+                ) from None
+            raise
         if self.ssh is None:
             sock = transport_socket(link.raw)
             set_keepalive(sock, self.settings.tcp_keepalive)
             set_nodelay(sock)
         assert isinstance(carrier, TcpCarrier)
+        if isinstance(conn, OpenSshConnection):
+            carrier.via = conn
         return carrier
 
     # -- relaying one client stream ------------------------------------------------------
@@ -785,6 +825,8 @@ class RelayWorker(Daemon):
             conn = await self.ssh.connection()
         except SshUnavailable as exc:
             raise OpenFailed(s5.GENERAL_FAILURE, f"no login node: {exc}") from None
+        if isinstance(conn, OpenSshConnection):
+            return conn.local_port(*self.settings.upstream)
         if self._forward is None or self._forward[0] is not conn:
             host, port = self.settings.upstream
             listener = await conn.forward_local_port("127.0.0.1", 0, host, port)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -18,10 +19,11 @@ from typing import Any
 import pytest
 
 import relay.exit
-from relay.check import FAIL, OK, SKIP, WARN, check_chain
+from relay.check import FAIL, OK, SKIP, WARN, Hop, check_chain
 from relay.exit import ExitMux, RelayExit
 from relay.sshhop import Login
-from relay.worker import RelayWorker
+from relay.tlslink import TlsClient, client_context, server_context
+from relay.worker import RelayWorker, WorkerSettings
 from tests.helpers import (
     KEY_ID,
     SECRET,
@@ -33,6 +35,7 @@ from tests.helpers import (
 )
 from tests.lab.relays import write_config
 from tests.lab.sshd import Sshd
+from tests.tlscerts import make_pki
 
 BIN = Path(sys.executable).parent
 
@@ -67,6 +70,8 @@ class Env:
         values: dict[str, Any] = {
             "no_socks_auth": True,
             "login": [f"{self.sshd.user}@{self.sshd.host}:{self.sshd.port}"],
+            "ssh_client": "openssh",
+            "ssh_config": "/dev/null",  # not this machine's ~/.ssh/config
             "ssh_key": str(self.sshd.client_key),
             "known_hosts": str(self.sshd.known_hosts),
             "exit": [f"127.0.0.1:{self.exit_port}"],
@@ -144,7 +149,7 @@ async def test_healthy_chain_passes_every_hop(env: Env) -> None:
         assert line.startswith("ok "), line
         assert " ms " in line or line.rstrip().endswith("ms"), line
     ssh_line = next(line for line in lines if line.split()[1] == "ssh")
-    assert "publickey" in ssh_line and "SHA256:" in ssh_line
+    assert "OpenSSH client" in ssh_line and "SHA256:" in ssh_line
     hello_line = next(line for line in lines if line.split()[1] == "hello")
     assert "clock skew" in hello_line and "heartbeat 1 s" in hello_line
     assert lines[-1].startswith("ok: 5 hops")
@@ -156,7 +161,8 @@ async def test_json_output_parses_and_carries_the_facts(env: Env) -> None:
     assert [h["hop"] for h in doc["hops"]] == ["ssh", "tcp", "hello", "connect", "heartbeat"]
     assert all(h["status"] == OK and h["ms"] is not None for h in doc["hops"])
     ssh = hop(doc, "ssh")
-    assert ssh["facts"]["auth"] == "publickey"
+    assert ssh["facts"]["client"] == "openssh"
+    assert ssh["facts"]["client_key"].startswith("ssh-ed25519 SHA256:")
     host_key = env.sshd.host_key_pub.split()[0]
     assert ssh["facts"]["host_key"].startswith(host_key + " SHA256:")
     hello = hop(doc, "hello")["facts"]
@@ -373,13 +379,13 @@ def exit_clock(monkeypatch: pytest.MonkeyPatch, offset: float) -> None:
 
 async def test_clock_skew_near_the_limit_warns(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     exit_clock(monkeypatch, 75)
-    hops = await check_chain(
-        worker_settings(env.sshd, ("127.0.0.1", env.exit_port)), [("127.0.0.1", env.echo_port)]
-    )
+    settings = worker_settings(env.sshd, ("127.0.0.1", env.exit_port), ssh_client="asyncssh")
+    hops = await check_chain(settings, [("127.0.0.1", env.echo_port)])
     hello = next(h for h in hops if h.name == "hello")
     assert hello.status == WARN, hello
     assert 70 < hello.facts["clock_skew_s"] < 80
-    assert all(h.status == OK for h in hops if h.name != "hello")
+    assert all(h.status == OK for h in hops if h.name != "hello")  # the whole asyncssh chain
+    assert hops[0].facts["auth"] == "publickey" and "matches" in hops[0].detail
 
 
 async def test_clock_skew_beyond_the_limit_fails(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -422,3 +428,128 @@ async def test_exit_at_its_carrier_limit_refuses_the_hello() -> None:
     ]  # fmt: skip
     hello = hops[1]
     assert "busy" in hello.cause and "max_carriers_per_key" in hello.fix
+
+
+# -- --ssh-client: ssh(1) (the CLI tests above) and asyncssh name the same causes -----------------
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def in_process(
+    env: Env, client: str, exit_address: tuple[str, int], **overrides: Any
+) -> WorkerSettings:
+    return worker_settings(
+        env.sshd, exit_address, ssh_client=client, ssh_config=Path("/dev/null"), **overrides
+    )
+
+
+@pytest.mark.parametrize(
+    ("fault", "failed", "cause"),
+    [
+        ("wrong-key", "ssh", "wrong key"),
+        ("unknown-host", "ssh", "unknown host"),
+        ("host-key-mismatch", "ssh", "host key mismatch"),
+        ("sshd-down", "ssh", "connection refused"),
+        ("exit-unreachable", "tcp", "exit unreachable from the login node"),
+        ("forbidden", "tcp", "forbids forwarding"),
+    ],
+)
+async def test_both_ssh_clients_name_the_same_cause_and_fix(
+    env: Env, fault: str, failed: str, cause: str
+) -> None:
+    """The same break gives the same hop, cause and fix whichever client logs in (the
+    channel's refusal reason is worded by each client)."""
+    exit_address = ("127.0.0.1", env.exit_port)
+    overrides: dict[str, Any] = {}
+    if fault == "wrong-key":
+        overrides["ssh_key"] = keygen(env.workdir / "other_key")
+    elif fault == "unknown-host":
+        overrides["known_hosts"] = private(env.workdir / "empty_known_hosts", "")
+    elif fault == "host-key-mismatch":
+        pub = (keygen(env.workdir / "impostor").parent / "impostor.pub").read_text().split()
+        overrides["known_hosts"] = private(
+            env.workdir / "known_hosts", f"[{env.sshd.host}]:{env.sshd.port} {pub[0]} {pub[1]}\n"
+        )
+    elif fault == "sshd-down":
+        env.sshd.stop()
+    elif fault == "exit-unreachable":
+        exit_address = ("127.0.0.1", closed_port())
+    else:
+        pub = Path(str(env.sshd.client_key) + ".pub").read_text().strip()
+        (env.sshd.workdir / "authorized_keys").write_text(
+            f'restrict,port-forwarding,permitopen="127.0.0.1:{env.exit_port + 1}" {pub}\n'
+        )
+    found: dict[str, Hop] = {}
+    for client in ("openssh", "asyncssh"):
+        settings = in_process(env, client, exit_address, **overrides)
+        hops = await check_chain(settings, [("127.0.0.1", env.echo_port)])
+        failures = [h for h in hops if h.status == FAIL]
+        assert [h.name for h in failures] == [failed], (client, hops)
+        assert cause in failures[0].cause, (client, hops)
+        if failed == "ssh":
+            assert failures[0].facts["client"] == client
+            assert [h.status for h in hops[1:]] == [SKIP]
+        else:
+            assert hops[0].status == OK and hops[0].facts["client"] == client
+        found[client] = failures[0]
+    assert found["openssh"].fix == found["asyncssh"].fix
+    if failed == "ssh":
+        assert found["openssh"].cause == found["asyncssh"].cause
+
+
+async def test_exit_unreachable_names_sshs_reason(env: Env) -> None:
+    port = closed_port()
+    hops = await check_chain(in_process(env, "openssh", ("127.0.0.1", port)))
+    tcp = next(h for h in hops if h.name == "tcp")
+    assert tcp.status == FAIL
+    assert tcp.cause == (
+        f"exit unreachable from the login node: {env.sshd.host} could not connect to"
+        f" 127.0.0.1:{port} (connect failed: Connection refused)"
+    )
+    assert [h.status for h in hops if h.name in ("hello", "heartbeat")] == [SKIP, SKIP]
+
+
+async def test_no_ssh_program(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    settings = worker_settings(None, ("127.0.0.1", 1), ssh_client="openssh")
+    settings.logins = [Login(None, "127.0.0.1", 1)]
+    hops = await check_chain(settings)
+    assert [(h.name, h.status) for h in hops] == [("ssh", FAIL), ("tcp", SKIP)]
+    assert hops[0].cause.startswith("no ssh on PATH")
+    assert hops[0].fix == "install openssh-client or use --ssh-client asyncssh"
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+async def test_upstream_through_the_ssh_forward(env: Env, reachable: bool) -> None:
+    """--upstream: ssh's loopback forward accepts before the login node connects; the check
+    sees whether anything answers at the far end (the echo server answers anything)."""
+    upstream = ("127.0.0.1", env.echo_port if reachable else closed_port())
+    hops = await check_chain(in_process(env, "openssh", upstream, upstream=upstream))
+    assert [(h.name, h.status) for h in hops] == [("ssh", OK), ("tcp", OK if reachable else FAIL)]
+    if not reachable:
+        assert "Connection refused" in hops[1].cause
+
+
+async def test_tls_exit_through_the_ssh_forward(env: Env) -> None:
+    """TLS inside the channel: verified through ssh's forward, and a refused channel is an
+    unreachable exit, not a TLS failure."""
+    pki = make_pki(env.workdir / "pki")
+    tls_exit = RelayExit(exit_settings(tls=server_context(pki.server.cert, pki.server.key)))
+    await tls_exit.start()
+    tls = TlsClient(client_context(pki.ca.cert), None)
+    try:
+        hops = await check_chain(in_process(env, "openssh", tls_exit.address, exit_tls=tls))
+        assert [h.status for h in hops] == [OK, OK, OK, SKIP, OK], hops
+        assert "TLS certificate verified" in hops[1].detail
+        hops = await check_chain(
+            in_process(env, "openssh", ("127.0.0.1", closed_port()), exit_tls=tls)
+        )
+        tcp = next(h for h in hops if h.name == "tcp")
+        assert tcp.status == FAIL and "exit unreachable from the login node" in tcp.cause
+    finally:
+        await tls_exit.stop()

@@ -672,7 +672,6 @@ def test_exit_requires_keys(tmp_path: Path) -> None:
         ("--exit", "missing --exit"),
         ("--key-id", "missing --key-id"),
         ("--secret-file", "missing --secret-file"),
-        ("--ssh-key", "missing --ssh-key"),
     ],
 )
 def test_worker_required(wfiles: dict[str, Path], drop: str, expect: str) -> None:
@@ -680,6 +679,20 @@ def test_worker_required(wfiles: dict[str, Path], drop: str, expect: str) -> Non
     i = argv.index(drop)
     del argv[i : i + 2]
     assert raises(load_worker_config, argv).startswith(expect)
+
+
+def test_ssh_key_is_required_by_asyncssh_only(wfiles: dict[str, Path]) -> None:
+    """ssh finds its key in ~/.ssh/config (or an agent, a certificate); asyncssh cannot."""
+    argv = worker_argv(wfiles)
+    i = argv.index("--ssh-key")
+    del argv[i : i + 2]
+    cfg = load_worker_config(argv)
+    assert cfg.ssh_client == "openssh" and cfg.ssh_key is None
+    message = raises(load_worker_config, [*argv, "--ssh-client", "asyncssh"])
+    assert message.startswith("missing --ssh-key")
+    assert raises(load_worker_config, [*argv, "--ssh-client", "putty"]).startswith(
+        "--ssh-client: must be one of openssh, asyncssh"
+    )
 
 
 def test_worker_socks_auth_exactly_one(tmp_path: Path, wfiles: dict[str, Path]) -> None:

@@ -21,6 +21,7 @@ op = st.one_of(
     st.tuples(st.just("write"), side, st.integers(0, 7), st.integers(1, 70_000)),
     st.tuples(st.just("eof"), side, st.integers(0, 7)),
     st.tuples(st.just("reset"), side, st.integers(0, 7)),
+    st.tuples(st.just("ack"), side, st.integers(0, 7)),
     st.tuples(st.just("deliver"), st.integers(0, 3), st.integers(0, 100_000)),
     st.tuples(st.just("cut"), st.integers(0, 3)),
     st.tuples(st.just("add")),
@@ -39,9 +40,11 @@ def run(ops: list[tuple], seed: int, refuse_every: int = 0) -> Sim:
         sids = sorted(sim.wapps)
         if name == "open":
             sim.open()
-        elif name in ("write", "eof", "reset") and sids:
+        elif name in ("write", "eof", "reset", "ack") and sids:
             sid = sids[item[2] % len(sids)]
-            if name == "write":
+            if name == "ack":  # an early ACK (Session.ack_now), at any moment, from either end
+                (sim.worker if item[1] == "w" else sim.exit).ack_now(sid)
+            elif name == "write":
                 sim.write(item[1], sid, item[3])
             elif name == "eof":
                 sim.eof(item[1], sid)
@@ -195,6 +198,23 @@ def test_round_robin_bulk_delays_another_stream_by_one_frame_at_most():
     data = [f for f in frames if isinstance(f, mux.Data)]
     first_small = next(i for i, f in enumerate(data) if f.stream == small)
     assert first_small <= 1
+
+
+def test_ack_now_sends_the_current_ack_at_once():
+    sim = Sim()
+    cid = sim.add_carrier()
+    sid = sim.open()
+    sim.settle()
+    sim.write("e", sid, 100)
+    sim.flush(cid)
+    sim.deliver(cid)
+    assert sim.worker.output(cid, sim.now) == []  # a small read waits for the tick
+    assert sim.worker.ack_now(sid)
+    frames = mux.FrameDecoder().feed(b"".join(bytes(p) for p in sim.worker.output(cid, sim.now)))
+    assert [(type(f), f.stream, f.offset) for f in frames] == [(mux.Ack, sid, 100)]
+    assert not sim.worker.ack_now(sid + 1000)  # no such stream: nothing to send
+    finish(sim)
+    check_outcome(sim)
 
 
 def test_reset_of_an_unanswered_stream_is_answered_and_forgotten():

@@ -392,6 +392,21 @@ class Session:
             return
         self._gone(stream, mux.encode_reset(sid, code, reason))
 
+    def ack_now(self, sid: int) -> bool:
+        """Acknowledge what the stream received at once, not at the next tick.
+
+        For a carrier whose transport cannot acknowledge a small read itself (an ``ssh``
+        process: the login node's sshd holds its next small packet until the last one is
+        acknowledged, up to the receiver's delayed-ACK timeout): the frame carries the TCP
+        acknowledgement. False when there is nothing the ACK could go out for."""
+        stream = self.streams.get(sid)
+        if stream is None or stream.state == _GONE or stream.ack_hold:
+            return False
+        if stream.carrier is None or stream.carrier not in self.carriers:
+            return False
+        self._send_ack(stream)
+        return True
+
     def hold_acks(self, sid: int, held: bool) -> None:
         """The application is not taking bytes (its socket is full): acknowledge nothing
         more, so the peer runs out of credit for this stream only."""

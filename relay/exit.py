@@ -436,18 +436,13 @@ class ExitMux:
         self.key_id = key_id
         self.key = key
         s = relay_exit.settings
-        loop = asyncio.get_running_loop()
-        session = ms.Session(
+        self.driver = MuxDriver.new_session(
             ms.EXIT,
+            relay_exit.metrics,
             heartbeat=heartbeat,
-            now=loop.time(),
             misses=s.heartbeat_misses,
             window=s.replay_buffer,
-            tombstone_ttl=s.resume_timeout,
-        )
-        self.driver = MuxDriver(
-            session,
-            relay_exit.metrics,
+            resume_timeout=s.resume_timeout,
             on_open=self._on_open,
             on_link_lost=self._link_lost,
             on_resumed=self._resumed,

@@ -291,6 +291,30 @@ class MuxDriver:
         self._frames_out = 0
         self._stalls = 0
 
+    @classmethod
+    def new_session(
+        cls,
+        role: str,
+        metrics: Metrics,
+        *,
+        heartbeat: float,
+        misses: int,
+        window: int,
+        resume_timeout: float,
+        **callbacks: Any,
+    ) -> MuxDriver:
+        """A driver for a fresh session of ``role`` (ms.WORKER or ms.EXIT): credit window
+        ``window``, streams remembered for ``resume_timeout`` after they end."""
+        session = ms.Session(
+            role,
+            heartbeat=heartbeat,
+            now=asyncio.get_running_loop().time(),
+            misses=misses,
+            window=window,
+            tombstone_ttl=resume_timeout,
+        )
+        return cls(session, metrics, **callbacks)
+
     # -- carriers -------------------------------------------------------------------------
     def add_link(
         self,

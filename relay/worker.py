@@ -346,18 +346,13 @@ class ExitClient:
 
     def _new_session(self, est: Established) -> None:
         s = self.worker.settings
-        loop = asyncio.get_running_loop()
-        session = ms.Session(
+        self.driver = MuxDriver.new_session(
             ms.WORKER,
+            self.metrics,
             heartbeat=est.heartbeat_ms / 1000,
-            now=loop.time(),
             misses=s.heartbeat_misses,
             window=s.replay_buffer,
-            tombstone_ttl=s.resume_timeout,
-        )
-        self.driver = MuxDriver(
-            session,
-            self.metrics,
+            resume_timeout=s.resume_timeout,
             on_answer=self._answered,
             on_link_lost=self._link_lost,
             on_draining=self._draining,

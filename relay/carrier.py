@@ -58,6 +58,10 @@ class CarrierBase:
 
     def start(self, opener: CarrierOpener) -> None:
         self.opener = opener
+        if self.link.is_closing():
+            # Closed before its first byte (an ssh forward whose channel the login node
+            # refused at once): the handshake fails with the reason connection_lost gave.
+            return
         self.link.write(opener.first_flight())
 
     def join(self, driver: MuxDriver, cid: int, est: Established) -> None:

@@ -234,6 +234,16 @@ class ExitClient:
             except (ProtocolError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
                 self.why = str(exc) or type(exc).__name__
                 self.refused = False
+            except Exception as exc:
+                # A bug, logged as one; the exit still gets carriers (its streams' resume
+                # depends on them), so it counts as a failed attempt.
+                log.error(
+                    "carrier attempt failed unexpectedly",
+                    exc_info=True,
+                    extra={"fields": {"exit": format_hostport(*self.exit)}},
+                )
+                self.why = f"internal error: {exc!r}"
+                self.refused = False
             finally:
                 self.attempting = False
                 self.settled.set()

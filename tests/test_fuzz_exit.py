@@ -32,6 +32,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -837,7 +838,19 @@ def error_log() -> Iterator[ErrorLog]:
             logger.removeHandler(ERRORS)
 
 
-@pytest.mark.parametrize(("loop_kind", "examples"), [("asyncio", 120), ("uvloop", 120)])
+def _loop_runs() -> list[tuple[str, int]]:
+    """One event loop per interpreter, so every `make test` fuzzes both at a minute each:
+    uvloop (what relay-exit runs) on Python 3.9, the floor and Rocky 9's system Python;
+    asyncio (--no-uvloop) on newer ones. FUZZ_LOOPS=asyncio,uvloop runs both."""
+    wanted = os.environ.get("FUZZ_LOOPS")
+    if wanted:
+        kinds = [k.strip() for k in wanted.split(",") if k.strip()]
+    else:
+        kinds = ["uvloop" if sys.version_info < (3, 10) else "asyncio"]
+    return [(kind, 120) for kind in kinds]
+
+
+@pytest.mark.parametrize(("loop_kind", "examples"), _loop_runs())
 def test_exit_survives_generated_and_mutated_input(
     loop_kind: str, examples: int, error_log: ErrorLog
 ) -> None:

@@ -249,3 +249,30 @@ async def test_the_connection_lives_until_closed(sshd: Sshd, monkeypatch) -> Non
     assert conn.proc.returncode == -signal.SIGKILL
     assert await wait_for(lambda: not hop.connected)
     await hop.close()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_carrier_closed_before_its_first_byte_fails_its_handshake(loop_kind: str) -> None:
+    """ssh may close a forward's connection (channel refused) before the HELLO is written;
+    uvloop raises on a write to a closed transport, which once killed the carrier keeper."""
+    import socket
+
+    import uvloop
+
+    from relay.carrier import TcpCarrier, carrier_opener
+
+    async def scenario() -> None:
+        ours, theirs = socket.socketpair()
+        theirs.close()  # the far end is gone at once
+        loop = asyncio.get_running_loop()
+        _, carrier = await loop.create_unix_connection(TcpCarrier, sock=ours)
+        await asyncio.sleep(0.05)  # connection_lost has run
+        carrier.start(carrier_opener(b"k" * 32, "worker-1", 25.0))
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(carrier.established, 5)
+
+    loop = uvloop.new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()

@@ -414,9 +414,28 @@ class ExitClient:
             extra={"fields": {"exit": format_hostport(*self.exit), "reason": reason}},
         )
         self._old.append(driver)
-        driver._on_link_lost = None
+        driver._on_link_lost = lambda cid, why: self._old_link_lost(driver, why)
         self._forget_session()
         self._reap()
+
+    def _old_link_lost(self, driver: MuxDriver, why: str) -> None:
+        """A draining session lost its last carrier (the exit went before its streams
+        ended): nothing resumes it, so its streams are reset instead of waiting forever."""
+        if driver.links or driver not in self._old:
+            return
+        self._old.remove(driver)
+        if driver.pumps:
+            log.warning(
+                "draining exit went away; resetting its streams",
+                extra={
+                    "fields": {
+                        "exit": format_hostport(*self.exit),
+                        "streams": len(driver.pumps),
+                        "why": why,
+                    }
+                },
+            )
+        driver.close(f"exit went away while draining: {why}", RESUME_FAILED)
 
     def _forget_session(self) -> None:
         self.driver = None

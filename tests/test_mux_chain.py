@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 
+import pytest
 from python_socks.async_.asyncio import Proxy
 
 from relay.exit import RelayExit
@@ -105,4 +106,35 @@ async def test_draining_exit_finishes_its_streams_and_new_ones_go_elsewhere() ->
         await worker.stop()
         await first.stop()
         await second.stop()
+        await servers.close()
+
+
+async def test_streams_of_a_draining_exit_that_goes_away_are_reset() -> None:
+    """The exit drains, then dies before its streams end (killed, or its drain timed out):
+    nothing can resume a draining session, so its streams end with a reset, not a hang."""
+    servers = Servers()
+    port = await servers.start(echo_handler)
+    relay_exit = RelayExit(exit_settings())
+    await relay_exit.start()
+    worker = RelayWorker(worker_settings(None, relay_exit.address))
+    await worker.start()
+    try:
+        reader, writer = await _open(worker, port)
+        writer.write(b"before\n")
+        assert await reader.readline() == b"before\n"
+        address = relay_exit.address
+        drain = asyncio.ensure_future(relay_exit.drain(30))
+        assert await wait_for(lambda: not worker.exits[address].usable)
+        for conn in list(relay_exit.connections):
+            conn.abort()  # the process is gone: its carriers end without a word
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(reader.readexactly(1), 10)
+        assert await wait_for(
+            lambda: metric(worker.metrics, "relay_streams_total", result="resume-failed") == 1
+        )
+        writer.close()
+        drain.cancel()
+    finally:
+        await worker.stop()
+        await relay_exit.stop()
         await servers.close()

@@ -39,6 +39,7 @@ dist-check: venv
 ## (pyenv, python3.X on PATH: scripts/pythons; needs root for namespaces and Debian packages)
 test: venv debs lint dist-check
 	./scripts/test-pythons -- $(PYTEST_ARGS)
+	$(MAKE) soak-ci
 
 ## every test on one interpreter: make test-one PY=3.9 (or a path, or python3.12)
 PY ?= $(PYTHON)
@@ -78,6 +79,17 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	./bench/install-debs
 	$(BIN)/python -m bench --quick $(BENCH_ARGS)
+
+## compute nodes, login nodes and exits in namespaces, verified streams under faults on a
+## schedule (bench/soak.py); `make soak` is the full run: 8 workers, 10,000 streams, 30 min
+SOAK_ARGS ?=
+.PHONY: soak soak-ci
+soak: $(BENCH_STAMP) debs
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+
+## the soak's 3-minute version, once per `make test` (results in .test-results/soak-ci/)
+soak-ci: venv debs
+	$(BIN)/python -m bench.soak --ci --out .test-results/soak-ci $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-3.* .test-results .pytest_cache .mypy_cache .ruff_cache .hypothesis

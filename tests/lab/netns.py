@@ -47,7 +47,9 @@ TABLE = "hrlab"
 INVALID_COUNTER = "invalid_drops"
 # Names of the veth ends; each lives in its own namespace, so short fixed names cannot collide.
 FW_LOGIN_IF = "to-login"
-_NAME_RE = re.compile(rf"^{re.escape(PREFIX)}(\d+)-([0-9a-f]+)-(worker|login|fw|outside)$")
+_NAME_RE = re.compile(
+    rf"^{re.escape(PREFIX)}(\d+)-([0-9a-f]+)-(worker|login|fw|outside|sw|w\d+|l\d+)$"
+)
 
 
 class LabError(RuntimeError):

@@ -84,8 +84,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "idle_interval": 120.0,
         "heartbeat": 25.0,
         "bulk_size": 8 << 20,
-        "rr_pause": 2.0,
-        "bulk_pause": 10.0,
+        "rr_pause": 5.0,
+        "bulk_pause": 20.0,
+        "mix": "idle=0.95,rr=0.03,bulk=0.005,flaky=0.015",
     },
     "ci": {
         "minutes": 3.0,
@@ -97,6 +98,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "bulk_size": 1 << 20,
         "rr_pause": 1.0,
         "bulk_pause": 2.0,
+        "mix": "idle=0.9,rr=0.08,bulk=0.01,flaky=0.01",
     },
 }
 
@@ -289,6 +291,8 @@ class Soak:
                             str(a.bulk_size),
                             "--hang-after",
                             str(a.hang_after),
+                            "--mix",
+                            a.mix,
                             "--rr-pause",
                             str(a.rr_pause),
                             "--bulk-pause",
@@ -691,6 +695,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--idle-interval", type=float, help="seconds between idle streams' echoes")
     parser.add_argument("--heartbeat", type=float, help="worker and exit heartbeat (s)")
     parser.add_argument("--bulk-size", type=int, help="bytes per bulk transfer")
+    parser.add_argument("--mix", help="share of stream kinds, e.g. idle=0.95,rr=0.03,...")
     parser.add_argument("--rr-pause", type=float, help="seconds between request/response streams")
     parser.add_argument("--bulk-pause", type=float, help="seconds between bulk transfers")
     parser.add_argument(

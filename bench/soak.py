@@ -2,7 +2,7 @@
 
     python -m bench.soak                      # the full run: 30 min, 10,000 streams (as root)
     python -m bench.soak --ci                 # the 3-minute version `make test` runs
-    python -m bench.soak --minutes 10 --streams 4000 --update-docs
+    python -m bench.soak --minutes 10 --streams 4000
 
 The lab (tests/lab/site.py): N compute-node namespaces with one relay-worker each (all with one
 key id, as a site's workers share one), 2 login namespaces with an sshd each (every worker lists
@@ -713,12 +713,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="seconds between resource samples (default 60, ci 15)",
     )
     parser.add_argument("--out", default="")
-    parser.add_argument(
-        "--update-docs",
-        action="store_true",
-        help="write docs/RELIABILITY.md's generated section and plots",
-    )
-    parser.add_argument("--keep-workdir", action="store_true")
     args = parser.parse_args(argv)
     name = "ci" if args.ci else "full"
     for key, value in PROFILES[name].items():

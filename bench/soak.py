@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import random
+import re
 import shlex
 import signal
 import statistics
@@ -518,6 +519,7 @@ class Soak:
             "peak_active": max(
                 (s.get("active", 0) for s in _status_lines(self.workdir)), default=0
             ),
+            "recovery": recovery(self.workdir, self.faults),
         }
 
 
@@ -541,6 +543,54 @@ def _status_lines(workdir: Path) -> list[dict[str, Any]]:
                 slot = int(item["time"] // 10)
                 slots[slot] = slots.get(slot, 0) + int(item["active"])
     return [{"slot": k, "active": v} for k, v in sorted(slots.items())]
+
+
+_LOST = re.compile(r"^(\S+) .*carrier lost exit=(\S+) .*why=(.*)$")
+_RESUMED = re.compile(r"^(\S+) .*session resumed exit=(\S+) gap=([0-9.]+) streams=(\d+)")
+_OPENED = re.compile(r"^(\S+) .*session open exit=(\S+)")
+_SILENT = re.compile(r"no frame for ([0-9.]+)s")
+
+
+def recovery(workdir: Path, faults: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """How long streams waited, from the workers' logs (one-second time stamps).
+
+    Resumes are grouped by why the carrier was lost: a heartbeat timeout (a black hole: the
+    wait is the silence until the worker declared the carrier dead plus the resume gap) or
+    a closed carrier (reset, sshd or ssh gone: the resume gap). For exit faults: how long
+    after the fault the workers had new sessions."""
+    stamps = sorted((f["at"], f["kind"]) for f in faults if "error" not in f)
+    waits: dict[str, list[float]] = {}
+    for path in sorted(workdir.glob("worker*.log")):
+        lost: dict[str, float] = {}  # exit -> silence before the loss (0: closed)
+        for line in path.read_text(errors="replace").splitlines():
+            m = _LOST.match(line)
+            if m:
+                silent = _SILENT.search(m.group(3))
+                lost[m.group(2)] = float(silent.group(1)) if silent else 0.0
+                continue
+            m = _RESUMED.match(line)
+            if m and int(m.group(4)) > 0:
+                silence = lost.pop(m.group(2), 0.0)
+                key = "carrier black-holed (heartbeat timeout)" if silence else "carrier closed"
+                waits.setdefault(key, []).append(silence + float(m.group(3)))
+                continue
+            m = _OPENED.match(line)
+            if m:
+                at = _iso(m.group(1))
+                before = [(t, k) for t, k in stamps if k in SESSION_FAULTS and t <= at + 1]
+                if before and at - before[-1][0] <= EXPLAIN_WINDOW:
+                    key = f"new session after {before[-1][1]}"
+                    waits.setdefault(key, []).append(max(0.0, at - before[-1][0]))
+    return {key: _spread(values) for key, values in sorted(waits.items())}
+
+
+def _iso(stamp: str) -> float:
+    return datetime.fromisoformat(stamp).replace(tzinfo=timezone.utc).timestamp()
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    return {"n": len(values), "median": round(statistics.median(values), 3),
+            "max": round(max(values), 3)}  # fmt: skip
 
 
 def _explain(stream: dict[str, Any], session_faults: list[float], dest: list[float]) -> str:
@@ -620,6 +670,17 @@ def summarize(result: dict[str, Any], meta: dict[str, Any]) -> str:
         lines.append("")
     lines += ["## Faults", "", "| fault | times |", "|---|---|"]
     lines += [f"| {k} | {n} |" for k, n in result["fault_counts"].items()]
+    if result.get("recovery"):
+        lines += ["", "## Recovery", "",
+                  "How long the affected streams waited, from the workers' logs (1 s time"
+                  " stamps): a black-holed carrier, from its last frame to its streams moving"
+                  " on another carrier; a closed carrier, the resume gap; after an exit fault,"
+                  " the time until each worker had a new session.", "",
+                  "| event | times | median s | max s |", "|---|---|---|---|"]  # fmt: skip
+        for key, spread in result["recovery"].items():
+            lines.append(
+                f"| {key} | {spread['n']} | {spread['median']:.2f} | {spread['max']:.2f} |"
+            )
     samples = result["samples"]
     if len(samples) >= 2:
         t0 = samples[0]["t"]

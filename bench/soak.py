@@ -61,15 +61,18 @@ RESULTS = REPO / "bench" / "results"
 ECHO_PORT, BULK_PORT, FLAKY_PORT = 7001, 7002, 7003
 SOCKS_PORT, WORKER_METRICS, EXIT_METRICS = 1080, 9100, 9200
 FAULTS = (
-    "carrier-reset",
-    "carrier-blackhole",
-    "sshd-kill",
     "exit-kill",
     "exit-restart",
+    "carrier-blackhole",
     "key-rotation",
     "dest-reset",
     "dest-vanish",
+    "carrier-reset",
+    "sshd-kill",
 )
+"""In schedule order: a black hole comes right after the exit faults, so that most of its
+carriers live until the heartbeat finds them (3 heartbeats) instead of being ended first by
+another fault."""
 SESSION_FAULTS = ("exit-kill", "exit-restart")
 """Faults after which a stream may be reset: its session may have lived in that process."""
 EXPLAIN_WINDOW = 90.0

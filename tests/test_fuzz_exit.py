@@ -439,6 +439,8 @@ class Conn:
     """We sent something that must close the carrier (or it closed): no more checks of it."""
     decoder: mux.FrameDecoder = field(default_factory=mux.FrameDecoder)
     sent: dict[int, int] = field(default_factory=dict)
+    violations: int = 0
+    """Streams opened by stream_violation (ids 101, 103, ...)."""
 
 
 @dataclass
@@ -710,28 +712,26 @@ class ExitFuzz(RuleBasedStateMachine):
 
     @rule(
         index=st.integers(0, MAX_CONNS),
-        pick=st.integers(0, 255),
         how=st.sampled_from(["data-gap", "fin-early", "ack-beyond"]),
         beyond=st.integers(1, 2**32),
     )
-    def stream_violation(self, index: int, pick: int, how: str, beyond: int) -> None:
-        """An authentic frame that cannot be right for a stream this carrier opened: the
-        stream is reset, the carrier goes on. (No precondition and no draws that depend on
-        what the exit did, so that replayed inputs generate the same choices.)"""
-        conns = [c for c in self.conns if c.sent and c.sealer and not c.broken]
-        if not conns:
+    def stream_violation(self, index: int, how: str, beyond: int) -> None:
+        """A new stream, and in the same record a frame that cannot be right for it: the
+        exit resets that stream and the carrier goes on. The stream is opened right there, so
+        the error does not depend on what became of the carrier's other streams (answered,
+        refused, ended: a matter of timing), and replayed inputs reach it every time."""
+        conn = self._sealed(index)
+        if conn is None or conn.sealer is None:
             return
-        conn = conns[index % len(conns)]
-        assert conn.sealer is not None
-        sids = sorted(conn.sent)
-        sid = sids[pick % len(sids)]
-        sent = conn.sent[sid]
+        sid = 101 + 2 * conn.violations
+        conn.violations += 1
+        opening = mux.encode_open(sid, address("127.0.0.1", self.exit.echo_port))
         frame = {
-            "data-gap": mux.data_header(sid, sent + beyond, 1) + b"x",
-            "fin-early": mux.encode_fin(sid, sent + beyond),
+            "data-gap": mux.data_header(sid, beyond, 1) + b"x",
+            "fin-early": mux.encode_fin(sid, beyond),
             "ack-beyond": mux.encode_ack(sid, 2**63 + beyond),
         }[how]
-        self._send(conn, b"".join(conn.sealer.seal([frame])), [])
+        self._send(conn, b"".join(conn.sealer.seal([opening, frame])), [])
         self._read(conn, 0.005)
 
     @precondition(lambda self: self.conns)

@@ -37,9 +37,10 @@ def site(tmp_path: Path, root_netns: None) -> Iterator[Site]:
 
 
 def _connect_all(
-    site: Site, attempts: list[tuple[str, str, int]], timeout: float = 1
+    site: Site, attempts: list[tuple[str, str, int]], timeout: float = 4
 ) -> dict[tuple[str, str, int], dict[str, Any]]:
-    """One TCP connect per (ns, host, port), all at once; nsclient's result for each."""
+    """One TCP connect per (ns, host, port), all at once; nsclient's result for each. The
+    timeout lets a lost first SYN be sent again (after 1 s) on a loaded machine."""
     procs = [
         site.spawn(
             ns,

@@ -129,11 +129,35 @@ FRAME_TYPES = (mux.Data, mux.Ack, mux.Fin, mux.Reset, mux.Open, mux.Reply, mux.S
 
 
 def unsealer(data: bytes, cut: int) -> None:
-    """Records of one carrier direction: any bytes either open with the key or raise."""
-    opened = seal.Unsealer(SEAL_KEY)
-    for piece in pieces(data, cut):
-        for plain in opened.feed(piece):
-            assert 1 <= len(plain) <= seal.MAX_RECORD
+    """Records of one carrier direction, read in pieces of any size.
+
+    Odd ``cut``: ``data`` is the wire; any bytes open with the key or raise. Even: ``data``,
+    cut at every 0xFF byte, is sealed, and the wire must open to exactly those bytes; with
+    ``cut & 2`` one bit of the wire is flipped first, and then nothing may open that was not
+    sealed, and the tampered record must not open at all."""
+    unseal = seal.Unsealer(SEAL_KEY)
+    if cut & 1:
+        for piece in pieces(data, cut):
+            unseal.feed(piece)
+        return
+    sealer = seal.Sealer(SEAL_KEY)
+    whole = data.replace(b"\xff", b"")
+    wire = bytearray(b"".join(x for part in data.split(b"\xff") for x in sealer.seal([part])))
+    tampered = bool(cut & 2) and bool(wire)
+    if tampered:
+        wire[(cut * 7919) % len(wire)] ^= 1 << ((cut >> 2) & 7)
+    opened = bytearray()
+    try:
+        for piece in pieces(bytes(wire), cut):
+            for plain in unseal.feed(piece):
+                opened += plain
+    except ProtocolError:
+        assert tampered, "an untouched stream of records failed to open"
+    assert whole.startswith(opened), "a record opened to bytes that were not sealed"
+    if tampered:
+        assert len(opened) < len(whole), "a tampered record opened"
+    else:
+        assert opened == whole
 
 
 def session(data: bytes, cut: int) -> None:
@@ -243,7 +267,9 @@ def seeds() -> dict[str, bytes]:
         "address": bytes((2, 1)) + ADDRESS,
         "opener": bytes((3, 254)) + b"\x05\x80" + reply + records,
         "frames": bytes((4, 7)) + worker_frames + exit_frames,
-        "unsealer": bytes((5, 30)) + records,
+        "unsealer": bytes((5, 31)) + records,
+        "unsealer-roundtrip": bytes((5, 28)) + worker_frames + b"\xff" + exit_frames,
+        "unsealer-tampered": bytes((5, 42)) + worker_frames + b"\xff" + exit_frames,
         "session-exit": bytes((6, 0b1111_1100)) + worker_frames,
         "session-exit-sealed": bytes((6, 0b0001_0010)) + worker_frames,
         "session-worker": bytes((6, 0b1111_1101)) + exit_frames,

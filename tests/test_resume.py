@@ -75,7 +75,8 @@ async def make_rig(exit_overrides: dict[str, Any] | None = None, sshd: Sshd | No
     await relay_exit.start()
     cutter = Cutter(relay_exit.address)
     await cutter.start()
-    options: dict[str, Any] = {"heartbeat": 0.5, "reconnect_max": 0.5}
+    # A carrier black-holed during its HELLO holds recovery until connect_timeout.
+    options: dict[str, Any] = {"heartbeat": 0.5, "reconnect_max": 0.5, "connect_timeout": 5.0}
     options.update(worker_overrides)
     worker = RelayWorker(worker_settings(sshd, cutter.address, **options))
     await worker.start()

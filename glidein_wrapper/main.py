@@ -182,10 +182,10 @@ async def _gate_and_supervise(plan: Plan, worker: Optional[RelayWorker], signals
     try:
         took = gate.result()
     except NotReady as exc:
+        when = "(refused; not retried)" if exc.final else f"after {opts.ready_timeout:g} s"
         raise Fatal(
             EXIT_TEMPFAIL,
-            f"chain not ready after {opts.ready_timeout:g} s; failing hop: {exc.hop} ({exc.why});"
-            " COMMAND not started",
+            f"chain not ready {when}; failing hop: {exc.hop} ({exc.why}); COMMAND not started",
         ) from None
     log.info(
         "chain ready", extra={"fields": {"seconds": round(took, 3), "probes": len(opts.probes)}}

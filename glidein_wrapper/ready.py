@@ -47,18 +47,23 @@ REFUSALS = frozenset(
     )
 )
 
+#: HELLO refusals that no wait fixes within a job's start-up: our key or protocol version.
+#: (A clock skew or a busy exit may pass; those wait for the ready timeout.)
+FINAL_REFUSALS = frozenset((hl.BAD_AUTH, hl.BAD_VERSION))
 
 SESSION_POLL = 0.05
 """Seconds between looks at the worker's sessions while the gate waits for one."""
 
 
 class NotReady(Exception):
-    """One hop of the chain is not usable (yet)."""
+    """One hop of the chain is not usable (yet); ``final`` when waiting cannot change that
+    (the exit refused our key), so the gate gives up at once instead of at its timeout."""
 
-    def __init__(self, hop: str, why: str) -> None:
+    def __init__(self, hop: str, why: str, final: bool = False) -> None:
         super().__init__(f"{hop}: {why}")
         self.hop = hop
         self.why = why
+        self.final = final
 
 
 class Check(abc.ABC):
@@ -93,6 +98,8 @@ async def wait_ready(
             await asyncio.wait_for(check(), max(remaining, 0.001))
             return clock() - started
         except NotReady as exc:
+            if exc.final:
+                raise
             last = exc
         except asyncio.TimeoutError:
             # An attempt cut short says less than the failure before it, if there was one.
@@ -168,7 +175,9 @@ class InProcessCheck(Check):
                 for client in clients:
                     where = format_hostport(*client.exit)
                     reasons.append(client.why if where in client.why else f"{where}: {client.why}")
-                raise self._down("; ".join(reasons))
+                down = self._down("; ".join(reasons))
+                down.final = all(c.refused and c.refusal in FINAL_REFUSALS for c in clients)
+                raise down
             await asyncio.sleep(SESSION_POLL)
 
     async def _probe(self, probe: HostPort) -> None:

@@ -170,6 +170,8 @@ class ExitClient:
         self.refused = False
         """The last attempt was refused by the exit (key, clock, limits): a configuration
         matter, retried only after --reconnect-max."""
+        self.refusal: Optional[int] = None
+        """The HELLO status of that refusal (None for the tunnel method)."""
         self.why = ""
         self._answers: dict[int, Callable[[int, bytes], None]] = {}
         self._old: list[MuxDriver] = []
@@ -225,6 +227,7 @@ class ExitClient:
                 # a quick retry does not fix; try again at the longest backoff.
                 self.why = str(exc)
                 self.refused = True
+                self.refusal = exc.status if exc.stage == "hello" else None
                 wait = s.reconnect_max
             except OpenFailed as exc:
                 self.why = str(exc)

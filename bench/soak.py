@@ -565,14 +565,26 @@ def recovery(workdir: Path, faults: list[dict[str, Any]]) -> dict[str, dict[str,
     a closed carrier (reset, sshd or ssh gone: the resume gap). For exit faults: how long
     after the fault the workers had new sessions."""
     stamps = sorted((f["at"], f["kind"]) for f in faults if "error" not in f)
+    holes = sorted(
+        (f["at"], f"{f['where']}:80")
+        for f in faults
+        if f["kind"] == "carrier-blackhole" and "error" not in f and f.get("where")
+    )
     waits: dict[str, list[float]] = {}
     for path in sorted(workdir.glob("worker*.log")):
         lost: dict[str, float] = {}  # exit -> silence before the loss (0: closed)
+        pending = list(holes)  # black holes whose first carrier loss in this worker is due
         for line in path.read_text(errors="replace").splitlines():
             m = _LOST.match(line)
             if m:
                 silent = _SILENT.search(m.group(3))
                 lost[m.group(2)] = float(silent.group(1)) if silent else 0.0
+                at = _iso(m.group(1))
+                for hole in [h for h in pending if h[1] == m.group(2) and h[0] <= at + 1]:
+                    pending.remove(hole)
+                    if at - hole[0] <= EXPLAIN_WINDOW:
+                        key = "black hole -> its carriers lost (heartbeat or a later fault)"
+                        waits.setdefault(key, []).append(max(0.0, at - hole[0]))
                 continue
             m = _RESUMED.match(line)
             if m and int(m.group(4)) > 0:

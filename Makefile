@@ -91,5 +91,11 @@ soak: $(BENCH_STAMP) debs
 soak-ci: venv debs
 	$(BIN)/python -m bench.soak --ci --out .test-results/soak-ci $(SOAK_ARGS)
 
+## a batch site in namespaces: COBalD/TARDIS runs glidein.sbatch under Slurm behind the relay
+## (root; about 2 minutes, the first run also installs COBalD/TARDIS into a venv)
+.PHONY: site-demo
+site-demo: venv debs
+	$(BIN)/python -m tests.lab.site_demo $(SITE_DEMO_ARGS)
+
 clean:
 	rm -rf $(VENV) .venv-3.* .test-results .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -129,6 +129,8 @@ def _batch_copy(tmp_path: Path) -> tuple[Path, Path]:
     )
     (home / "images").mkdir()
     (home / "images" / "cms-glidein-cc7.sif").write_text("image")
+    (home / "etc").mkdir()
+    (home / "etc" / "worker.toml").write_text("[worker]\n")
     text = SBATCH.read_text()
     for name, value in (
         ("RELAY_HOME", str(home)),
@@ -198,6 +200,16 @@ def test_batch_script_stops_early_when_something_is_missing(tmp_path: Path) -> N
     assert result.returncode == 2
     assert "cms-glidein-cc7.sif" in result.stderr and "README" in result.stderr
     assert not (calls / "cvmfs").exists()
+
+
+def test_batch_script_without_the_relay_fails_75_naming_the_hop(tmp_path: Path) -> None:
+    script, calls = _batch_copy(tmp_path)
+    (tmp_path / "home" / "etc" / "worker.toml").unlink()
+    result = _run_batch(script)
+    assert result.returncode == 75, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "failing hop:" in line]
+    assert len(lines) == 1 and "failing hop: relay (not installed: missing" in lines[0]
+    assert not (calls / "wrapper").exists() and not (calls / "cvmfs").exists()
 
 
 def test_make_keys_refuses_bad_arguments(tmp_path: Path) -> None:

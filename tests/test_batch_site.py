@@ -11,15 +11,18 @@ container (USE_CONTAINER=no) and the real glidein (tests/lab/glidein_standin.py 
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.lab.batchsite import SBATCH, SITE_BLOCK, BatchSite
+from tests.lab.batchsite import REPO, SBATCH, SITE_BLOCK, BatchSite, tardis_python
 
 pytestmark = [pytest.mark.netns, pytest.mark.xdist_group("batch-site")]
 
+DEPLOY_TARDIS = REPO / "deploy" / "tardis"
 IDLE = 12.0  # the stand-in's silence: three firewall idle timeouts (4 s)
 
 
@@ -189,6 +192,29 @@ def test_tardis_sees_a_failing_glidein_and_does_not_resubmit_at_once(batch: Batc
     assert "failing hop: exit (" in log and "bad-auth" in log, log
     assert history[uuid][-1] == "CleanupState", history
     assert [d.state for d in drones if d.uuid == uuid] == ["CleanupState"], drones
+
+
+def test_shipped_tardis_configuration_loads_in_cobald_tardis(tmp_path: Path) -> None:
+    """deploy/tardis/cobald.yml and tardis.yml as shipped (the registry's path aside) build
+    COBalD's pipeline with TARDIS's pool for the Slurm site."""
+    for name in ("cobald.yml", "tardis.yml"):
+        text = (DEPLOY_TARDIS / name).read_text()
+        text = text.replace("/var/lib/cobald/drone_registry.db", str(tmp_path / "registry.db"))
+        (tmp_path / name).write_text(text)
+    code = (
+        "from cobald.daemon.core.config import load\n"
+        "with load('cobald.yml') as sections:\n"
+        "    for pipeline in sections.values():\n"
+        "        print(' '.join(type(stage).__name__ for stage in pipeline))\n"
+    )
+    result = subprocess.run(
+        [tardis_python(), "-W", "ignore", "-c", code], cwd=tmp_path, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    stages = result.stdout.split()
+    assert stages[0] == "LinearController" and "Logger" in stages, stages
+    assert stages[-1] == "WeightedComposite", stages  # TARDIS's pools, one per machine type
 
 
 def test_time_limit_reaches_the_glidein_through_the_wrapper(

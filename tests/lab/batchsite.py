@@ -307,7 +307,9 @@ class BatchSite:
             return self.site.spawn(login, [*user, *argv], cwd=cwd)
 
         env = {"SLURM_CONF": str(self.slurm.conf), "PYTHONPATH": str(path)}
-        return TardisDaemon(lab, spawn, python=python, env=env)
+        reader = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}",
+                  "--clear-groups", python]  # fmt: skip
+        return TardisDaemon(lab, spawn, python=python, env=env, reader=reader)
 
     def close(self) -> None:
         try:

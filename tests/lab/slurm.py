@@ -45,7 +45,7 @@ def _as_user(user: str) -> list[str]:
 class SlurmCluster:
     """slurmctld on site.logins[0], slurmd on every site.workers[i] as node c<i>."""
 
-    def __init__(self, site: Site, workdir: Path, kill_wait: int = 5) -> None:
+    def __init__(self, site: Site, workdir: Path, kill_wait: int = 30) -> None:
         self.site = site
         self.workdir = workdir.resolve()
         self.kill_wait = kill_wait

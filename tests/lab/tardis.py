@@ -363,11 +363,7 @@ ORDER BY R.id
 """
 
 
-def read_registry(db_file: Path) -> list[Drone]:
-    """Drones in the registry, opened read-only so a test never writes the daemon's database.
-
-    TARDIS deletes a drone's row when it reaches DownState, so a drone that is gone is done.
-    """
+def _registry_rows(db_file: Path) -> list[list[Any]]:
     if not db_file.exists():
         return []
     uri = f"file:{db_file}?mode=ro"
@@ -376,13 +372,52 @@ def read_registry(db_file: Path) -> list[Drone]:
     except sqlite3.OperationalError:
         return []
     try:
-        rows = con.execute(_DRONES_SQL).fetchall()
+        return [list(row) for row in con.execute(_DRONES_SQL).fetchall()]
     except sqlite3.OperationalError as err:  # schema not there yet
         if "no such table" in str(err):
             return []
         raise
     finally:
         con.close()
+
+
+_READER = """
+import json, sqlite3, sys
+from pathlib import Path
+SQL = {sql!r}
+db = Path(sys.argv[1])
+rows = []
+if db.exists():
+    con = sqlite3.connect(f"file:{{db}}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = [list(r) for r in con.execute(SQL).fetchall()]
+    except sqlite3.OperationalError as err:
+        if "no such table" not in str(err):
+            raise
+    finally:
+        con.close()
+print(json.dumps(rows))
+"""
+
+
+def read_registry(db_file: Path, as_user: Optional[Sequence[str]] = None) -> list[Drone]:
+    """Drones in the registry, opened read-only so a test never writes the daemon's database.
+
+    The registry is in WAL mode: a reader creates the -wal and -shm files when the daemon has
+    none open, and files root made would leave the daemon's user a read-only database. So
+    give as_user (a command prefix, e.g. setpriv and that user's python) when the daemon runs
+    as someone else. TARDIS deletes a drone's row when it reaches DownState.
+    """
+    if as_user:
+        code = _READER.format(sql=_DRONES_SQL)
+        result = subprocess.run(
+            [*as_user, "-c", code, str(db_file)], capture_output=True, text=True, timeout=30
+        )
+        if result.returncode != 0:
+            raise TardisLabError(f"reading {db_file} failed: {result.stderr.strip()}")
+        rows = json.loads(result.stdout)
+    else:
+        rows = _registry_rows(db_file)
     return [
         Drone(
             uuid=str(uuid),
@@ -407,6 +442,8 @@ class TardisDaemon:
     spawn: Spawn
     python: str
     env: Mapping[str, str] = field(default_factory=dict)
+    #: Command prefix that runs the daemon's python as the daemon's user (see read_registry).
+    reader: Optional[Sequence[str]] = None
     proc: Optional[subprocess.Popen[Any]] = None
     #: Every state seen per drone uuid by drones(), in order (history() has all of them).
     seen: dict[str, list[str]] = field(default_factory=dict)
@@ -458,7 +495,7 @@ class TardisDaemon:
         write_demand(self.lab.demand_file, drones)
 
     def drones(self) -> list[Drone]:
-        drones = read_registry(self.lab.db_file)
+        drones = read_registry(self.lab.db_file, self.reader)
         for drone in drones:
             states = self.seen.setdefault(drone.uuid, [])
             if not states or states[-1] != drone.state:
@@ -483,7 +520,8 @@ class TardisDaemon:
         return out
 
     def describe(self, lines: int = 40) -> str:
-        drones = "\n".join(f"  {d}" for d in read_registry(self.lab.db_file)) or "  (none)"
+        rows = read_registry(self.lab.db_file, self.reader)
+        drones = "\n".join(f"  {d}" for d in rows) or "  (none)"
         tail = "\n".join(self.log_text().splitlines()[-lines:])
         status = "running" if self.running() else f"exited {self.proc and self.proc.returncode}"
         return f"daemon {status}\ndrones:\n{drones}\nlog tail:\n{tail}"
@@ -499,7 +537,7 @@ class TardisDaemon:
                 raise TardisLabError(f"daemon exited while waiting for {what}\n{self.describe()}")
             if time.monotonic() > deadline:
                 raise TardisLabError(f"timed out after {timeout} s: {what}\n{self.describe()}")
-            time.sleep(0.2)
+            time.sleep(0.5)
 
     def wait_for(
         self, predicate: Callable[[list[Drone]], bool], timeout: float, what: str = "condition"

@@ -178,12 +178,17 @@ class BatchSite:
             wheel = build_wheel(self.top / "dist")
         _chown(home, self.user)
         entry = pwd.getpwnam(self.user)
+        # The user may not reach the checkout (a private directory): run a copy, as a site
+        # runs the script it downloaded.
+        install = self.top / INSTALL.name
+        shutil.copy(INSTALL, install)
+        install.chmod(0o755)
         env = {k: v for k, v in os.environ.items() if k.startswith("PIP_")}
         env.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME=str(home / "pip-home"),
                    PYTHON=site_python(self.user))  # fmt: skip
         argv = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
                 "env", "-i", *(f"{k}={v}" for k, v in env.items()),
-                "bash", str(INSTALL), str(home), str(wheel)]  # fmt: skip
+                "bash", str(install), str(home), str(wheel)]  # fmt: skip
         result = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"install-relay.sh failed:\n{result.stdout}\n{result.stderr}")

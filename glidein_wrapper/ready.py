@@ -57,7 +57,8 @@ SESSION_POLL = 0.05
 
 class NotReady(Exception):
     """One hop of the chain is not usable (yet); ``final`` when waiting cannot change that
-    (the exit refused our key), so the gate gives up at once instead of at its timeout."""
+    (the login nodes or the exits refused our key), so the gate gives up at once instead of
+    at its timeout."""
 
     def __init__(self, hop: str, why: str, final: bool = False) -> None:
         super().__init__(f"{hop}: {why}")
@@ -132,7 +133,7 @@ class InProcessCheck(Check):
             try:
                 await worker.ssh.connection()
             except SshUnavailable as exc:
-                raise NotReady("ssh", str(exc)) from None
+                raise NotReady("ssh", str(exc), final=exc.final) from None
         if worker.settings.upstream is not None:
             await self._upstream()
         elif self.probes:

@@ -146,9 +146,12 @@ class SshUnavailable(ConnectionError):
     the connection rate limit, not a failure, was what stopped it.
     """
 
-    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+    def __init__(self, message: str, retry_after: float = 0.0, final: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.final = final
+        """Every login node refused us for a reason waiting does not fix (our key, its host
+        key, no ssh program): a caller with a deadline may give up at once."""
 
 
 class ConnectBudget:
@@ -243,6 +246,7 @@ class SshHop:
             ):
                 raise self._last_error
             errors, waits = [], []
+            final = 0
             count = len(self.logins)
             for step in range(count):
                 index = (self._preferred + step) % count
@@ -257,6 +261,7 @@ class SshHop:
                     conn = await self._connect(login)
                 except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
                     why = explain(exc)
+                    final += is_final(exc)
                     self.metrics.ssh_connects.labels(str(login), "failed").inc()
                     log.warning(
                         "SSH to login node failed",
@@ -275,7 +280,7 @@ class SshHop:
             self._preferred = (self._preferred + 1) % count
             self._last_failure = time.monotonic()
             self._last_error = SshUnavailable(
-                "; ".join(errors), min(waits) if len(waits) == count else 0.0
+                "; ".join(errors), min(waits) if len(waits) == count else 0.0, final == count
             )
             raise self._last_error
 
@@ -343,6 +348,17 @@ class SshHop:
             self.metrics.ssh_active.dec()
             conn.close()
             await conn.wait_closed()
+
+
+#: ssh's failure kinds (relay.openssh.classify) that no retry within minutes fixes.
+FINAL_KINDS = frozenset(("host-key", "key", "auth", "missing"))
+
+
+def is_final(exc: BaseException) -> bool:
+    """A login failure that only a change of configuration fixes."""
+    if isinstance(exc, OpenSshError):
+        return exc.kind in FINAL_KINDS
+    return isinstance(exc, (asyncssh.HostKeyNotVerifiable, asyncssh.PermissionDenied))
 
 
 def explain(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ from relay.exit import ExitMux, RelayExit
 from relay.worker import RelayWorker
 from tests.helpers import Servers, echo_handler, exit_settings, metric, worker_settings
 from tests.lab.relays import KEY_ID, SECRET, fetch
-from tests.lab.sshd import Sshd
+from tests.lab.sshd import Sshd, _keygen
 from tests.lab.wrapper import read_report, standin, wrapper_argv, write_worker_config
 
 
@@ -176,7 +176,7 @@ async def test_exit_status_of_the_command_is_passed_on(
     assert await run.wait() == 7, run.text()
 
 
-@pytest.mark.parametrize("broken", ["exit", "ssh", "probe", "hello"])
+@pytest.mark.parametrize("broken", ["exit", "ssh", "probe", "hello", "ssh-key", "ssh-key-asyncssh"])
 async def test_not_ready_exits_75_naming_the_hop_and_starts_nothing(
     sshd: Sshd, relay_exit: RelayExit, echo_port: int, tmp_path: Path, broken: str
 ) -> None:
@@ -186,6 +186,12 @@ async def test_not_ready_exits_75_naming_the_hop_and_starts_nothing(
     extra: dict[str, Any] = {}
     if broken == "ssh":
         extra["login"] = f"{sshd.user}@127.0.0.1:{closed}"
+    if broken.startswith("ssh-key"):
+        stranger = tmp_path / "stranger_ed25519"
+        _keygen(stranger, "not-authorised")
+        extra["ssh_key"] = str(stranger)
+        if broken.endswith("asyncssh"):
+            extra["ssh_client"] = "asyncssh"
     if broken == "hello":
         wrong = tmp_path / "wrong.secret"
         wrong.write_text("a-different-secret-0123456789\n")
@@ -200,15 +206,16 @@ async def test_not_ready_exits_75_naming_the_hop_and_starts_nothing(
     run = await Run.start(argv, tmp_path / "wrapper.log")
     assert await run.wait(30) == 75, run.text()
     assert time.monotonic() - started < 15
-    hop = "exit" if broken == "hello" else broken
+    hop = "exit" if broken == "hello" else "ssh" if broken.startswith("ssh") else broken
     lines = run.text().splitlines()
     errors = [line for line in lines if line.startswith("glidein-wrapper: error:")]
     assert len(errors) == 1, run.text()
     assert f"failing hop: {hop} (" in errors[0]
-    if broken == "hello":
+    if broken == "hello" or broken.startswith("ssh-key"):
         # a refused key is final: no waiting for the ready timeout
         assert "chain not ready (refused; not retried)" in errors[0], errors[0]
-        assert "exit refused hello: bad-auth" in errors[0], errors[0]
+        why = "exit refused hello: bad-auth" if broken == "hello" else "ermission denied"
+        assert why in errors[0], errors[0]
     else:
         assert "not ready after 3 s" in errors[0], errors[0]
     assert not marker.exists()

@@ -172,7 +172,7 @@ class BatchSite:
         """RELAY_HOME as deploy/jureca/README.md has an operator make it, as the job's user."""
         home = self.home
         home.mkdir()
-        for sub in ("logs", "reports", "pip-home"):
+        for sub in ("logs", "reports", "pip-home", "scratch"):
             (home / sub).mkdir()
         if wheel is None:
             wheel = build_wheel(self.top / "dist")
@@ -247,6 +247,9 @@ class BatchSite:
             "PROXYCHAINS_LIB": f'"{PROXYCHAINS_LIB}"',
             "GLIDEIN_COMMAND": self.standin_command(idle, term_status),
             "PROBES": f'("{self.sink}:{COLLECTOR_PORT}")',
+            # The nodes share this machine's /tmp: each site gets a scratch of its own, as
+            # node-local disks would be.
+            "WORK_BASE": f'"{self.home / "scratch"}"',
             "READY_TIMEOUT": f"{ready_timeout:g}",
             "USE_CVMFSEXEC": "no",
             "USE_CONTAINER": "no",

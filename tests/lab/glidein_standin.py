@@ -77,6 +77,7 @@ def run(opts: argparse.Namespace) -> int:
         "job": job,
         "hostname": socket.gethostname(),
         "uid": os.getuid(),
+        "cwd": os.getcwd(),
         "env": {name: os.environ.get(name) for name in CONDOR_ENV},
         "signal": None,
     }

@@ -28,6 +28,7 @@ from tests.helpers import (
     echo_handler,
     exit_settings,
     metric,
+    wait_for,
     worker_settings,
 )
 from tests.lab.sshd import Sshd, start_sshd
@@ -80,7 +81,15 @@ async def make_rig(exit_overrides: dict[str, Any] | None = None, sshd: Sshd | No
     options.update(worker_overrides)
     worker = RelayWorker(worker_settings(sshd, cutter.address, **options))
     await worker.start()
+    await _session_up(worker)
     return Rig(relay_exit, worker, cutter, Servers())
+
+
+async def _session_up(worker: RelayWorker) -> None:
+    """Wait for the worker's first session: a stream that arrives within a second of a failed
+    first carrier attempt is refused at once (with the reason) rather than kept waiting, and
+    these tests are about what happens after the start."""
+    assert await wait_for(lambda: any(c.usable for c in worker.exits.values()), timeout=30)
 
 
 async def close_rig(rig: Rig) -> None:
@@ -335,6 +344,7 @@ async def test_login_node_failover_resumes_streams(tmp_path) -> None:
     ))  # fmt: skip
     await worker.start()
     try:
+        await _session_up(worker)
         port = await servers.start(echo_handler)
         rig = Rig(relay_exit, worker, Cutter(relay_exit.address), servers)
         pairs = [await rig.open(port) for _ in range(3)]

@@ -59,6 +59,23 @@ def _staged_ok(batch: BatchSite, report: dict) -> None:
     assert stored.stat().st_size == stage["bytes"] > 0
 
 
+def _signalled_glidein_ok(
+    batch: BatchSite, job: int, state: str, status: int, timeout: float
+) -> dict[str, str]:
+    """Slurm's SIGTERM (scancel, time limit) reached the glidein through the wrapper; its last
+    update and stage-out still got out, and the wrapper exited with its status."""
+    ended = ["TIMEOUT", "COMPLETED", "FAILED", "CANCELLED"]
+    info = batch.slurm.wait_job(job, ended, timeout)
+    report = _wait_report(batch, job, "status")
+    log = batch.job_log(job)
+    assert info["JobState"] == state, (info, log)
+    assert report["signal"] == "SIGTERM" and report["idled"] is False, report
+    assert report.get("last") == {"collector": True, "shadow": True}, (report.get("error"), log)
+    _staged_ok(batch, report)
+    assert "got SIGTERM" in log and f"glidein ended with status {status}" in log, log
+    return info
+
+
 def test_site_copy_changes_only_site_values(batch: BatchSite, time_limited_job: int) -> None:
     shipped = SBATCH.read_text()
     text = batch.write_sbatch("glidein-copy.sbatch", idle=IDLE).read_text()
@@ -99,17 +116,9 @@ def test_scancel_reaches_the_glidein_through_the_wrapper(batch: BatchSite) -> No
     job = batch.submit(script, "lab-cancelled01")
     _wait_report(batch, job, "first")
     batch.slurm.scancel(job)
-    info = batch.slurm.wait_job(job, ["CANCELLED", "COMPLETED", "FAILED"], 60)
-    report = _wait_report(batch, job, "status")
-    log = batch.job_log(job)
-    assert info["JobState"] == "CANCELLED", (info, log)
-    # SIGTERM reached the glidein, whose last update and stage-out still got out
-    assert report["signal"] == "SIGTERM" and report["idled"] is False, report
-    assert report.get("last") == {"collector": True, "shadow": True}, (report.get("error"), log)
-    _staged_ok(batch, report)
-    # the wrapper ended with the glidein's status, and the batch script with the wrapper's
-    assert "got SIGTERM" in log and "glidein ended with status 3" in log, log
-    assert info["ExitCode"] == "3:0", (info, log)
+    info = _signalled_glidein_ok(batch, job, "CANCELLED", 3, 60)
+    # the batch script ended with the wrapper's status, which is the glidein's
+    assert info["ExitCode"] == "3:0", info
 
 
 @pytest.mark.parametrize(
@@ -222,12 +231,4 @@ def test_shipped_tardis_configuration_loads_in_cobald_tardis(tmp_path: Path) -> 
 def test_time_limit_reaches_the_glidein_through_the_wrapper(
     batch: BatchSite, time_limited_job: int
 ) -> None:
-    job = time_limited_job
-    info = batch.slurm.wait_job(job, ["TIMEOUT", "COMPLETED", "FAILED", "CANCELLED"], 150)
-    report = _wait_report(batch, job, "status")
-    log = batch.job_log(job)
-    assert info["JobState"] == "TIMEOUT", (info, log)
-    assert report["signal"] == "SIGTERM" and report["idled"] is False, report
-    assert report.get("last") == {"collector": True, "shadow": True}, (report.get("error"), log)
-    _staged_ok(batch, report)
-    assert "got SIGTERM" in log and "glidein ended with status 4" in log, log
+    _signalled_glidein_ok(batch, time_limited_job, "TIMEOUT", 4, 150)

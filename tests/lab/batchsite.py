@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 from tests.lab.relays import KEY_ID, SECRET, Daemon, start_exit, write_config
 from tests.lab.site import Site
-from tests.lab.slurm import UNPRIVILEGED, SlurmCluster
+from tests.lab.slurm import UNPRIVILEGED, SlurmCluster, as_user
 from tests.lab.sshd import Sshd, start_sshd
 from tests.lab.tardis import TardisDaemon, write_configs
 
@@ -55,14 +55,12 @@ __all__ = ["BatchSite", "sbatch_site_copy", "site_python"]
 
 def site_python(user: str = UNPRIVILEGED, minimum: tuple[int, int] = (3, 9)) -> str:
     """The system's python3 with venv that `user` can run (pyenv's sit under root's home)."""
-    entry = pwd.getpwnam(user)
     candidates = sorted(Path("/usr/bin").glob("python3.*"), reverse=True)
     for path in [Path("/usr/bin/python3"), *candidates]:
         if not re.fullmatch(r"python3(\.\d+)?", path.name):
             continue
         probe = f"import sys, venv, ensurepip; assert sys.version_info >= {minimum!r}"
-        argv = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
-                str(path), "-c", probe]  # fmt: skip
+        argv = [*as_user(user), str(path), "-c", probe]  # fmt: skip
         if subprocess.run(argv, capture_output=True, check=False).returncode == 0:
             return str(path)
     raise RuntimeError(
@@ -177,7 +175,6 @@ class BatchSite:
         if wheel is None:
             wheel = build_wheel(self.top / "dist")
         _chown(home, self.user)
-        entry = pwd.getpwnam(self.user)
         # The user may not reach the checkout (a private directory): run a copy, as a site
         # runs the script it downloaded.
         install = self.top / INSTALL.name
@@ -186,8 +183,7 @@ class BatchSite:
         env = {k: v for k, v in os.environ.items() if k.startswith("PIP_")}
         env.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME=str(home / "pip-home"),
                    PYTHON=site_python(self.user))  # fmt: skip
-        argv = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
-                "env", "-i", *(f"{k}={v}" for k, v in env.items()),
+        argv = [*as_user(self.user), "env", "-i", *(f"{k}={v}" for k, v in env.items()),
                 "bash", str(install), str(home), str(wheel)]  # fmt: skip
         result = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
         if result.returncode != 0:
@@ -310,13 +306,11 @@ class BatchSite:
 
         def spawn(argv: Sequence[str], *, env: Mapping[str, str], cwd: str) -> Any:
             variables = [f"{k}={v}" for k, v in env.items()]
-            user = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}",
-                    "--clear-groups", "env", "-i", *variables]  # fmt: skip
-            return self.site.spawn(login, [*user, *argv], cwd=cwd)
+            prefix = [*as_user(self.user), "env", "-i", *variables]  # fmt: skip
+            return self.site.spawn(login, [*prefix, *argv], cwd=cwd)
 
         env = {"SLURM_CONF": str(self.slurm.conf), "PYTHONPATH": str(path)}
-        reader = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}",
-                  "--clear-groups", python]  # fmt: skip
+        reader = [*as_user(self.user), python]  # fmt: skip
         return TardisDaemon(lab, spawn, python=python, env=env, reader=reader)
 
     def close(self) -> None:
@@ -342,10 +336,19 @@ def build_wheel(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     found = sorted(out.glob("hpc_relay-*.whl"))
     if not found:
+        # Built from a copy: setuptools builds in the source tree, and a build/ left there by
+        # an interrupted build breaks the next one.
+        source = out / "source"
+        skip = shutil.ignore_patterns(
+            ".git", ".venv*", "build", "*.egg-info", "__pycache__", ".test-results", ".*cache",
+            ".hypothesis", "bench",
+        )  # fmt: skip
+        shutil.copytree(REPO, source, ignore=skip)
         subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(REPO)],
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(source)],
             check=True, capture_output=True, timeout=600,
         )  # fmt: skip
+        shutil.rmtree(source)
         found = sorted(out.glob("hpc_relay-*.whl"))
     wheel = found[-1]
     out.chmod(0o755)

@@ -25,7 +25,7 @@ from typing import Any
 
 from tests.lab.site import Site
 
-__all__ = ["UNPRIVILEGED", "SlurmCluster", "SlurmError"]
+__all__ = ["UNPRIVILEGED", "SlurmCluster", "SlurmError", "as_user"]
 
 UNPRIVILEGED = "nobody"
 PARTITION = "batch"
@@ -37,7 +37,7 @@ class SlurmError(RuntimeError):
     pass
 
 
-def _as_user(user: str) -> list[str]:
+def as_user(user: str) -> list[str]:
     entry = pwd.getpwnam(user)
     return ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups"]
 
@@ -166,7 +166,7 @@ class SlurmCluster:
         path = os.environ.get("PATH", "/usr/bin:/bin")
         environment = {"PATH": path, "SLURM_CONF": str(self.conf)}
         environment.update(env or {})
-        prefix = _as_user(user) if user else []
+        prefix = as_user(user) if user else []
         full = ["ip", "netns", "exec", self.login, *prefix, "env", "-i",
                 *(f"{k}={v}" for k, v in environment.items()), *argv]  # fmt: skip
         result = subprocess.run(full, capture_output=True, text=True, timeout=timeout, check=False)
@@ -187,23 +187,12 @@ class SlurmCluster:
 
     def job(self, job_id: int) -> dict[str, str]:
         """`scontrol show job` as a dict (JobState, ExitCode, NodeList, Reason, ...)."""
-        out = self.command(["scontrol", "-o", "show", "job", str(job_id)]).stdout
-        fields: dict[str, str] = {}
-        for match in re.finditer(r"(\w+)=(\S*)", out):
-            fields.setdefault(match.group(1), match.group(2))
-        return fields
+        return _fields(self.command(["scontrol", "-o", "show", "job", str(job_id)]).stdout)
 
     def jobs(self) -> list[dict[str, str]]:
         """Every job slurmctld still knows (finished ones for MinJobAge seconds)."""
         out = self.command(["scontrol", "-o", "show", "job"], check=False).stdout
-        jobs = []
-        for line in out.splitlines():
-            if "JobId=" in line:
-                fields: dict[str, str] = {}
-                for match in re.finditer(r"(\w+)=(\S*)", line):
-                    fields.setdefault(match.group(1), match.group(2))
-                jobs.append(fields)
-        return jobs
+        return [_fields(line) for line in out.splitlines() if "JobId=" in line]
 
     def wait_job(self, job_id: int, states: Sequence[str], timeout: float = 120) -> dict[str, str]:
         """Wait until the job's JobState is one of `states`; returns its fields."""
@@ -222,6 +211,14 @@ class SlurmCluster:
     def stop(self) -> None:
         """Cancel what is left; the Site ends the daemons and the jobs' processes by pid."""
         self.command(["scancel", "--full", "--user", UNPRIVILEGED], check=False)
+
+
+def _fields(line: str) -> dict[str, str]:
+    """`Key=value ...` of one `scontrol -o` line (the first of a repeated key wins)."""
+    fields: dict[str, str] = {}
+    for match in re.finditer(r"(\w+)=(\S*)", line):
+        fields.setdefault(match.group(1), match.group(2))
+    return fields
 
 
 def _cgroup_plugin() -> str:

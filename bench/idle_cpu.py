@@ -16,9 +16,11 @@ import asyncio
 import resource
 import time
 
-from relay.exit import ExitSettings, RelayExit
-from relay.policy import Policy
-from relay.worker import RelayWorker, WorkerSettings
+from relay.exit.daemon import RelayExit
+from relay.exit.policy import Policy
+from relay.exit.settings import ExitSettings
+from relay.worker.daemon import RelayWorker
+from relay.worker.settings import WorkerSettings
 
 KEY_ID, SECRET = "bench", b"0123456789abcdef0123456789abcdef"
 USER, PASSWORD = b"bench", b"bench-password"

@@ -22,7 +22,8 @@ from relay.errors import ConfigError
 from relay.logs import setup_logging
 from relay.metrics import Metrics
 from relay.secrets import load_userpass
-from relay.worker import RelayWorker, WorkerSettings
+from relay.worker.daemon import RelayWorker
+from relay.worker.settings import WorkerSettings
 
 if sys.version_info >= (3, 11):
     import tomllib

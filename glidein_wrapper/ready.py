@@ -22,15 +22,16 @@ import time
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
-from relay.addresses import format_hostport
-from relay.carrier import TunnelRefused, carrier_opener
 from relay.config import HostPort
+from relay.errors import OpenFailed
+from relay.net.addresses import format_hostport
+from relay.net.carrier import TunnelRefused, carrier_opener
+from relay.net.pump import SHUTDOWN, StreamInfo
+from relay.net.sshhop import SshUnavailable
 from relay.proto import ProtocolError, mux
 from relay.proto import hello as hl
 from relay.proto import socks5 as s5
-from relay.pump import SHUTDOWN, StreamInfo
-from relay.sshhop import SshUnavailable
-from relay.worker import OpenFailed, RelayWorker
+from relay.worker.daemon import RelayWorker
 
 log = logging.getLogger("glidein_wrapper")
 

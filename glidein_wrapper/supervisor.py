@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Callable, Optional
 
-from relay.loopbound import LoopBound
+from relay.net.loopbound import LoopBound
 
 log = logging.getLogger("glidein_wrapper")
 

@@ -14,11 +14,13 @@ from typing import Any, Callable, Optional, Union
 from relay import __version__
 from relay.config import load_exit_config, load_worker_config
 from relay.errors import ConfigError
-from relay.exit import ExitSettings, RelayExit
-from relay.exitgroup import GROUP_ENV, Group, GroupPlace
+from relay.exit.daemon import RelayExit
+from relay.exit.group import GROUP_ENV, Group, GroupPlace
+from relay.exit.settings import ExitSettings
 from relay.logs import setup_logging
 from relay.systemd import notify
-from relay.worker import RelayWorker, WorkerSettings
+from relay.worker.daemon import RelayWorker
+from relay.worker.settings import WorkerSettings
 
 log = logging.getLogger("relay")
 
@@ -119,7 +121,7 @@ def exit_main(argv: Optional[Sequence[str]] = None) -> int:
     if settings is None:
         return EXIT_USAGE
     if place is None and settings.workers > 1:
-        from relay.supervisor import supervise
+        from relay.exit.supervisor import supervise
 
         return supervise(args, load_exit_config(args))
     if place is not None:
@@ -154,7 +156,7 @@ def _group_place() -> Optional[GroupPlace]:
 def worker_main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["check"]:
-        from relay.check import check_main
+        from relay.tools.check import check_main
 
         return check_main(args[1:])
     settings = _settings("relay-worker", load_worker_config, WorkerSettings.from_config, args)
@@ -190,11 +192,11 @@ def relay_main(argv: Optional[Sequence[str]] = None) -> int:
     if command == "worker":
         return worker_main(rest)
     if command == "demo":
-        from relay.demo import main as demo_main
+        from relay.tools.demo import main as demo_main
 
         return demo_main(rest)
     if command == "check":
-        from relay.check import check_main
+        from relay.tools.check import check_main
 
         return check_main(rest)
     if command in ("version", "--version"):

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
 from relay.errors import ConfigError
-from relay.policy import PolicyError, Rule, parse_rule
+from relay.exit.policy import PolicyError, Rule, parse_rule
+from relay.net.tlslink import parse_fingerprint
 from relay.proto.handoff import MAX_WORKERS
 from relay.secrets import KEY_ID_RE, check_private
-from relay.tlslink import parse_fingerprint
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -108,7 +108,7 @@ def _table(options: Sequence[Option], toml: bool = True) -> list[str]:
 
 def generate() -> str:
     """The whole reference as Markdown."""
-    from relay.check import CHECK_OPTIONS  # the check sits above the daemons it drives
+    from relay.tools.check import CHECK_OPTIONS  # the check sits above the daemons it drives
 
     out = [_HEADER]
     out += ["## relay-exit (`[exit]`)", ""]

@@ -16,11 +16,13 @@ from typing import Any, Optional
 
 import pytest
 
-from relay.exit import ExitSettings, RelayExit
+from relay.exit.daemon import RelayExit
+from relay.exit.policy import Policy
+from relay.exit.settings import ExitSettings
 from relay.metrics import Metrics
-from relay.policy import Policy
-from relay.sshhop import Login
-from relay.worker import RelayWorker, WorkerSettings
+from relay.net.sshhop import Login
+from relay.worker.daemon import RelayWorker
+from relay.worker.settings import WorkerSettings
 from tests.lab.sshd import Sshd
 
 __all__ = ["chain", "http_payload"]

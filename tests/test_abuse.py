@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import pytest
 
-from relay.exit import RelayExit
+from relay.exit.daemon import RelayExit
 from relay.proto import hello as hl
 from relay.proto import mux, seal
 from relay.proto import socks5 as s5

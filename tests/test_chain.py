@@ -12,13 +12,13 @@ import pytest
 from python_socks import ProxyError
 from python_socks.async_.asyncio import Proxy
 
-from relay.exit import RelayExit
-from relay.muxpump import MuxPump
+from relay.exit.daemon import RelayExit
+from relay.net.muxpump import MuxPump
 from relay.proto import hello as hl
 from relay.proto import mux, seal
 from relay.proto import socks5 as s5
 from relay.proto.session import UNCONFIRMED_WINDOW
-from relay.worker import RelayWorker
+from relay.worker.daemon import RelayWorker
 from tests.helpers import (
     KEY_ID,
     PASSWORD,

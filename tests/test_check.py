@@ -18,12 +18,14 @@ from typing import Any
 
 import pytest
 
-import relay.exit
-from relay.check import FAIL, OK, SKIP, WARN, Hop, check_chain
-from relay.exit import ExitMux, RelayExit
-from relay.sshhop import Login
-from relay.tlslink import TlsClient, client_context, server_context
-from relay.worker import RelayWorker, WorkerSettings
+import relay.exit.connection
+from relay.exit.daemon import RelayExit
+from relay.exit.sessions import ExitMux
+from relay.net.sshhop import Login
+from relay.net.tlslink import TlsClient, client_context, server_context
+from relay.tools.check import FAIL, OK, SKIP, WARN, Hop, check_chain
+from relay.worker.daemon import RelayWorker
+from relay.worker.settings import WorkerSettings
 from tests.helpers import (
     KEY_ID,
     SECRET,
@@ -374,7 +376,7 @@ async def test_login_node_forbids_forwarding_to_the_exit(env: Env) -> None:
 
 def exit_clock(monkeypatch: pytest.MonkeyPatch, offset: float) -> None:
     fake = types.SimpleNamespace(time=lambda: time.time() + offset, monotonic=time.monotonic)
-    monkeypatch.setattr(relay.exit, "time", fake)
+    monkeypatch.setattr(relay.exit.connection, "time", fake)
 
 
 async def test_clock_skew_near_the_limit_warns(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,7 @@
 """Flow control holds for writelines() on every loop and Python the relay runs on.
 
 The pumps write with writelines(); CPython 3.12.0-3.12.8 and 3.13.0-3.13.1 never paused the
-protocol there (relay.compat works around it), so on asyncio's own loop a slow receiver got
+protocol there (relay.net.compat works around it), so on asyncio's own loop a slow receiver got
 no back-pressure and the relay buffered whole transfers.
 """
 
@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import pytest
 
-import relay.daemon  # noqa: F401 - importing the daemons applies relay.compat
-from relay.compat import fix_writelines_flow_control
+import relay.net.daemon  # noqa: F401 - importing the daemons applies relay.net.compat
+from relay.net.compat import fix_writelines_flow_control
 
 
 class _Recorder(asyncio.Protocol):

@@ -28,7 +28,7 @@ from relay.config import (
     parse_size,
 )
 from relay.errors import ConfigError
-from relay.policy import Rule
+from relay.exit.policy import Rule
 from relay.secrets import check_private, load_keys, load_secret, load_userpass
 
 SECRET = "Sup3r-S3cret-Value-0123456789"

@@ -6,9 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from relay.check import CHECK_OPTIONS
 from relay.config import EXIT_OPTIONS, WORKER_OPTIONS
 from relay.configdoc import generate
+from relay.tools.check import CHECK_OPTIONS
 
 CONFIG_MD = Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md"
 

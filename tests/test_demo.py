@@ -16,7 +16,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from relay.demo import (
+from relay.tools.demo import (
     PLAIN,
     RELAY,
     EchoServer,

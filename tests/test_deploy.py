@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from relay.check import OK, check_chain
 from relay.config import (
     EXIT_OPTIONS,
     WORKER_OPTIONS,
@@ -27,9 +26,10 @@ from relay.config import (
     load_exit_config,
     load_worker_config,
 )
-from relay.exit import RelayExit
-from relay.sshhop import Login
-from relay.worker import WorkerSettings
+from relay.exit.daemon import RelayExit
+from relay.net.sshhop import Login
+from relay.tools.check import OK, check_chain
+from relay.worker.settings import WorkerSettings
 from tests.helpers import Servers, echo_handler, exit_settings
 from tests.lab.sshd import Sshd
 from tests.yamlfile import load_yaml

@@ -25,10 +25,10 @@ from typing import Any, Optional
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.net.tlslink import TlsClient, client_context
 from relay.proto import handoff as ho
 from relay.proto import hello as hl
-from relay.tlslink import TlsClient, client_context
-from relay.worker import RelayWorker
+from relay.worker.daemon import RelayWorker
 from tests.cutter import Cutter, _reset
 from tests.helpers import (
     KEY_ID,

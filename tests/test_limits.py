@@ -30,11 +30,11 @@ import pytest
 from python_socks import ProxyError
 from python_socks.async_.asyncio import Proxy
 
-from relay.exit import RelayExit
+from relay.exit.daemon import RelayExit
 from relay.proto import hello as hl
 from relay.proto import mux
 from relay.proto import socks5 as s5
-from relay.worker import RelayWorker
+from relay.worker.daemon import RelayWorker
 from tests.helpers import (
     KEY_ID,
     PASSWORD,
@@ -407,7 +407,7 @@ async def test_handshake_byte_cap() -> None:
     """Nothing a client sends before its carrier (or plain stream) starts is buffered beyond
     the cap: not a HELLO followed by a flood in the same read, not a plain SOCKS5 client
     that keeps sending while the exit dials."""
-    from relay.exit import HANDSHAKE_BYTES_MAX, ExitConnection
+    from relay.exit.connection import HANDSHAKE_BYTES_MAX, ExitConnection
 
     relay_exit = RelayExit(exit_settings(allow_plain=True))
     hello = hl.encode_hello(SECRET, KEY_ID, int(time.time() * 1000), os.urandom(16))

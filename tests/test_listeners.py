@@ -15,10 +15,11 @@ import pytest
 
 from relay.config import load_worker_config
 from relay.errors import ConfigError
-from relay.exit import RelayExit
-from relay.listeners import http_status
+from relay.exit.daemon import RelayExit
 from relay.proto import socks5 as s5
-from relay.worker import RelayWorker, WorkerSettings
+from relay.worker.daemon import RelayWorker
+from relay.worker.listeners import http_status
+from relay.worker.settings import WorkerSettings
 from tests.helpers import (
     PASSWORD,
     USER,

@@ -26,12 +26,14 @@ import asyncssh
 import pytest
 
 from glidein_wrapper.supervisor import Signals
-from relay.exit import ExitSettings, RelayExit
-from relay.loopbound import LoopBound
-from relay.policy import Policy
-from relay.sshhop import Login, SshUnavailable
-from relay.supervisor import Supervisor
-from relay.worker import RelayWorker, WorkerSettings
+from relay.exit.daemon import RelayExit
+from relay.exit.policy import Policy
+from relay.exit.settings import ExitSettings
+from relay.exit.supervisor import Supervisor
+from relay.net.loopbound import LoopBound
+from relay.net.sshhop import Login, SshUnavailable
+from relay.worker.daemon import RelayWorker
+from relay.worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("relay", "glidein_wrapper")
@@ -171,7 +173,7 @@ def test_no_asyncio_object_is_made_outside_a_running_loop() -> None:
         found += loop_bound_violations(path.read_text(), str(path.relative_to(ROOT)))
     assert not found, (
         "asyncio objects made before the loop runs (on Python 3.9 they bind to another loop, "
-        "and uvloop refuses them): make them with relay.loopbound.LoopBound or inside a "
+        "and uvloop refuses them): make them with relay.net.loopbound.LoopBound or inside a "
         "coroutine\n" + "\n".join(found)
     )
 

@@ -17,9 +17,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from python_socks.async_.asyncio import Proxy
 
-from relay.exit import RelayExit
-from relay.supervisor import Supervisor
-from relay.worker import RelayWorker, WorkerSettings
+from relay.exit.daemon import RelayExit
+from relay.exit.supervisor import Supervisor
+from relay.worker.daemon import RelayWorker
+from relay.worker.settings import WorkerSettings
 from tests.helpers import KEY_ID, SECRET, Servers, echo_handler, exit_settings, wait_for
 from tests.yamlfile import load_yaml
 

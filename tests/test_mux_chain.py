@@ -10,8 +10,8 @@ import os
 import pytest
 from python_socks.async_.asyncio import Proxy
 
-from relay.exit import RelayExit
-from relay.worker import RelayWorker
+from relay.exit.daemon import RelayExit
+from relay.worker.daemon import RelayWorker
 from tests.helpers import (
     PASSWORD,
     USER,

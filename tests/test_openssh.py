@@ -16,11 +16,11 @@ import pytest
 from python_socks import ProxyError
 from python_socks.async_.asyncio import Proxy
 
-from relay.exit import RelayExit
+from relay.exit.daemon import RelayExit
 from relay.metrics import Metrics
-from relay.openssh import OpenSshConnection, OpenSshError, classify, command
-from relay.sshhop import Login, SshHop, SshUnavailable
-from relay.worker import RelayWorker
+from relay.net.openssh import OpenSshConnection, OpenSshError, classify, command
+from relay.net.sshhop import Login, SshHop, SshUnavailable
+from relay.worker.daemon import RelayWorker
 from tests.helpers import (
     PASSWORD,
     USER,
@@ -189,7 +189,7 @@ async def test_no_ssh_program_is_a_clear_error(tmp_path: Path) -> None:
 _ORPHAN = """
 import asyncio, sys
 from pathlib import Path
-from relay.openssh import OpenSshConnection
+from relay.net.openssh import OpenSshConnection
 
 async def main():
     conn = await OpenSshConnection.start(
@@ -233,9 +233,9 @@ def test_a_killed_worker_leaves_no_ssh_behind(sshd: Sshd) -> None:
 async def test_the_connection_lives_until_closed(sshd: Sshd, monkeypatch) -> None:
     """Waiting for the end of ssh (as the hop's watcher does) never ends it; close() does,
     with SIGKILL after the grace period if SIGTERM is not enough."""
-    import relay.openssh
+    import relay.net.openssh
 
-    monkeypatch.setattr(relay.openssh, "_TERM_GRACE", 0.2)
+    monkeypatch.setattr(relay.net.openssh, "_TERM_GRACE", 0.2)
     hop = SshHop([Login(sshd.user, sshd.host, sshd.port)], sshd.client_key, sshd.known_hosts,
                  Metrics("worker"), client="openssh", targets=[("127.0.0.1", 1)],
                  ssh_config=Path("/dev/null"))  # fmt: skip
@@ -259,7 +259,7 @@ def test_a_carrier_closed_before_its_first_byte_fails_its_handshake(loop_kind: s
 
     import uvloop
 
-    from relay.carrier import TcpCarrier, carrier_opener
+    from relay.net.carrier import TcpCarrier, carrier_opener
 
     async def scenario() -> None:
         ours, theirs = socket.socketpair()

@@ -10,9 +10,9 @@ import socket
 from typing import Any
 
 from relay.metrics import Metrics
-from relay.muxpump import MuxDriver, MuxPump
+from relay.net.muxpump import MuxDriver, MuxPump
+from relay.net.pump import PlainProtocol, StreamInfo
 from relay.proto import session as ms
-from relay.pump import PlainProtocol, StreamInfo
 
 ADDRESS = b"\x01\x7f\x00\x00\x01\x25\x92"
 

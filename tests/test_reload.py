@@ -23,7 +23,7 @@ import pytest
 from python_socks import ProxyError
 from python_socks.async_.asyncio import Proxy
 
-from relay.worker import RelayWorker
+from relay.worker.daemon import RelayWorker
 from tests.helpers import (
     KEY_ID,
     PASSWORD,

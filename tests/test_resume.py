@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from relay.exit import RelayExit
+from relay.exit.daemon import RelayExit
 from relay.proto import hello as hl
-from relay.worker import RelayWorker
+from relay.worker.daemon import RelayWorker
 from tests.cutter import Cutter
 from tests.helpers import (
     KEY_ID,
@@ -335,7 +335,7 @@ async def test_login_node_failover_resumes_streams(tmp_path) -> None:
     relay_exit = RelayExit(exit_settings(heartbeat=0.5))
     await relay_exit.start()
     servers = Servers()
-    from relay.sshhop import Login
+    from relay.net.sshhop import Login
 
     worker = RelayWorker(worker_settings(
         first, relay_exit.address, known_hosts=known, heartbeat=0.5, reconnect_max=0.5,

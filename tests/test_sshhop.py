@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from relay.metrics import Metrics
-from relay.sshhop import BatchedWrites, ConnectBudget, Login, SshHop, SshUnavailable
+from relay.net.sshhop import BatchedWrites, ConnectBudget, Login, SshHop, SshUnavailable
 from tests.helpers import Servers, echo_handler, metric
 from tests.lab.sshd import Sshd, start_sshd
 

@@ -24,10 +24,8 @@ from python_socks.async_.asyncio import Proxy
 
 from relay.config import load_exit_config, load_worker_config
 from relay.errors import ConfigError
-from relay.exit import RelayExit
-from relay.proto import hello as hl
-from relay.proto import socks5 as s5
-from relay.tlslink import (
+from relay.exit.daemon import RelayExit
+from relay.net.tlslink import (
     TlsClient,
     TlsLink,
     client_context,
@@ -35,7 +33,9 @@ from relay.tlslink import (
     parse_fingerprint,
     server_context,
 )
-from relay.worker import RelayWorker
+from relay.proto import hello as hl
+from relay.proto import socks5 as s5
+from relay.worker.daemon import RelayWorker
 from tests.cutter import Cutter
 from tests.helpers import (
     KEY_ID,
@@ -517,7 +517,7 @@ def test_worker_tls_options(pki: Pki, tmp_path: Path) -> None:
 
 async def test_relay_check_and_wrapper_hello_through_a_tls_exit(pki: Pki, login: Sshd) -> None:
     from glidein_wrapper.ready import NotReady, hello_check
-    from relay.check import FAIL, OK, check_chain
+    from relay.tools.check import FAIL, OK, check_chain
 
     relay_exit = tls_exit(pki)
     await relay_exit.start()

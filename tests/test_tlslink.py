@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.errors import ConfigError
-from relay.tlslink import (
+from relay.net.tlslink import (
     TlsClient,
     TlsEngine,
     TlsError,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.worker import RelayWorker
+from relay.worker.daemon import RelayWorker
 from tests.helpers import PASSWORD, USER, Servers, http_handler, sha256, worker_settings
 from tests.lab.sshd import Sshd
 from tests.test_cli import free_port

@@ -19,8 +19,9 @@ import pytest
 
 from glidein_wrapper.ready import InProcessCheck, NotReady, wait_ready
 from relay.config import HostPort
-from relay.exit import ExitMux, RelayExit
-from relay.worker import RelayWorker
+from relay.exit.daemon import RelayExit
+from relay.exit.sessions import ExitMux
+from relay.worker.daemon import RelayWorker
 from tests.helpers import Servers, echo_handler, exit_settings, metric, worker_settings
 from tests.lab.relays import KEY_ID, SECRET, fetch
 from tests.lab.sshd import Sshd, _keygen

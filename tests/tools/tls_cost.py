@@ -27,8 +27,8 @@ from typing import Any
 
 from python_socks.async_.asyncio import Proxy
 
-from relay.tlslink import TlsClient, client_context
-from relay.worker import RelayWorker
+from relay.net.tlslink import TlsClient, client_context
+from relay.worker.daemon import RelayWorker
 from tests.helpers import KEY_ID, PASSWORD, SECRET, USER, Servers, worker_settings
 from tests.tlscerts import Pki, make_pki
 

@@ -9,10 +9,10 @@ import contextlib
 import logging
 from typing import Any, Callable, Optional, Union
 
-from relay.compat import fix_writelines_flow_control
 from relay.metrics import Metrics, serve_metrics, serve_metrics_unix
-from relay.muxpump import MuxPump
-from relay.pump import RawPump
+from relay.net.compat import fix_writelines_flow_control
+from relay.net.muxpump import MuxPump
+from relay.net.pump import RawPump
 
 log = logging.getLogger("relay")
 

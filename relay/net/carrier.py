@@ -14,8 +14,8 @@ from typing import Any, Optional
 
 import asyncssh
 
-from relay.muxpump import MuxDriver
-from relay.openssh import OpenSshConnection
+from relay.net.muxpump import MuxDriver
+from relay.net.openssh import OpenSshConnection
 from relay.proto import ProtocolError, seal
 from relay.proto import hello as hl
 from relay.proto.opener import CarrierOpener, Established, Refused

@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable, Optional
 
 from relay.metrics import Metrics
-from relay.sockopts import abort_with_reset
+from relay.net.sockopts import abort_with_reset
 
 log = logging.getLogger("relay.stream")
 

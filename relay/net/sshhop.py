@@ -18,11 +18,11 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import asyncssh
 
-from relay.addresses import format_hostport
-from relay.loopbound import LoopBound
 from relay.metrics import Metrics
-from relay.openssh import CIPHERS, OpenSshConnection, OpenSshError
-from relay.sockopts import QUICKACK_BELOW, quickack
+from relay.net.addresses import format_hostport
+from relay.net.loopbound import LoopBound
+from relay.net.openssh import CIPHERS, OpenSshConnection, OpenSshError
+from relay.net.sockopts import QUICKACK_BELOW, quickack
 
 log = logging.getLogger("relay.ssh")
 
@@ -350,7 +350,7 @@ class SshHop:
             await conn.wait_closed()
 
 
-#: ssh's failure kinds (relay.openssh.classify) that no retry within minutes fixes.
+#: ssh's failure kinds (relay.net.openssh.classify) that no retry within minutes fixes.
 FINAL_KINDS = frozenset(("host-key", "key", "auth", "missing"))
 
 

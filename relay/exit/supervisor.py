@@ -32,9 +32,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import __version__
-from relay.exitgroup import GROUP_ENV, READY, GroupPlace
-from relay.loopbound import LoopBound
+from relay.exit.group import GROUP_ENV, READY, GroupPlace
 from relay.metrics import serve_metrics
+from relay.net.loopbound import LoopBound
 from relay.systemd import notify
 
 log = logging.getLogger("relay.supervisor")

@@ -32,12 +32,14 @@ from typing import Callable, Optional, TextIO
 import asyncssh
 from python_socks.async_.asyncio import Proxy
 
-from relay.exit import ExitSettings, RelayExit
+from relay.exit.daemon import RelayExit
+from relay.exit.policy import Policy
+from relay.exit.settings import ExitSettings
 from relay.logs import setup_logging
 from relay.metrics import Metrics
-from relay.policy import Policy
-from relay.sshhop import Login
-from relay.worker import RelayWorker, WorkerSettings
+from relay.net.sshhop import Login
+from relay.worker.daemon import RelayWorker
+from relay.worker.settings import WorkerSettings
 
 log = logging.getLogger("relay.demo")
 

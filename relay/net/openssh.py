@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from relay.addresses import format_hostport
+from relay.net.addresses import format_hostport
 
 log = logging.getLogger("relay.ssh")
 

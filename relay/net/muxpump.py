@@ -16,9 +16,7 @@ import logging
 from typing import Any, Callable, Optional
 
 from relay.metrics import Metrics
-from relay.proto import ProtocolError, mux
-from relay.proto import session as ms
-from relay.pump import (
+from relay.net.pump import (
     CARRIER_LOST,
     OK,
     PEER_RESET,
@@ -31,7 +29,9 @@ from relay.pump import (
     _describe,
     _Pausable,
 )
-from relay.sockopts import QUICKACK_BELOW, abort_with_reset
+from relay.net.sockopts import QUICKACK_BELOW, abort_with_reset
+from relay.proto import ProtocolError, mux
+from relay.proto import session as ms
 
 log = logging.getLogger("relay.stream")
 

@@ -7,9 +7,9 @@
   port is a stream to one fixed destination, for programs that cannot be pointed at any proxy
   (static or Go binaries, which an LD_PRELOAD interposer cannot reach).
 
-Each accepts a local client, works out the destination in its own way and hands the client to
-:meth:`relay.worker.RelayWorker.relay`, which opens the stream over the same SSH connection and
-tunnel (heartbeats, half-close, resets, resume) whichever listener it came from.
+Each accepts a local client, works out the destination in its own way and hands the client
+to :meth:`relay.worker.daemon.RelayWorker.relay`, which opens the stream over the same
+carriers (heartbeats, half-close, resets, resume) whichever listener it came from.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import logging
 from collections.abc import Awaitable
 from typing import Any, Callable, NamedTuple, Optional, Protocol
 
-from relay.addresses import format_hostport
+from relay.net.addresses import format_hostport
+from relay.net.pump import PlainProtocol
+from relay.net.sockopts import abort_with_reset, set_keepalive, set_nodelay, transport_socket
 from relay.proto import socks5 as s5
 from relay.proto.httpconnect import (
     HttpConnectError,
@@ -33,12 +35,10 @@ from relay.proto.httpconnect import (
     established,
     response,
 )
-from relay.pump import PlainProtocol
-from relay.sockopts import abort_with_reset, set_keepalive, set_nodelay, transport_socket
 
 
 class StreamOpener(Protocol):
-    """What the listeners need of relay.worker.RelayWorker (which imports this module)."""
+    """What the listeners need of relay.worker.daemon.RelayWorker (which imports this module)."""
 
     metrics: Any
     settings: Any
@@ -91,7 +91,7 @@ def credentials_ok(required: Optional[tuple[str, str]], user: str, password: str
 
 class _LocalClient(PlainProtocol, abc.ABC):
     """An accepted local client: registered with the worker, keepalive on, a deadline for
-    its handshake, then one stream handed to :meth:`relay.worker.RelayWorker.relay`."""
+    its handshake, then one stream handed to :meth:`relay.worker.daemon.RelayWorker.relay`."""
 
     handshake_timeout: Optional[float] = HANDSHAKE_TIMEOUT
     timeout_stage = "local-handshake-timeout"

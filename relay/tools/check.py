@@ -18,7 +18,7 @@ Hops, in order, each timed:
 ``heartbeat``
     one PING/PONG on the carrier: the round trip the session's keepalive pays.
 
-The check is built from the worker's own parts (:class:`~relay.sshhop.SshHop`, the carriers,
+The check is built from the worker's own parts (:class:`~relay.net.sshhop.SshHop`, the carriers,
 the carrier opener, the session state machine and its driver), so what passes here is what
 the worker does. Without ``--probe`` the session OPENs ``0.0.0.0:9``, which every exit refuses
 by policy (the unspecified address is always denied): that proves the session works and that
@@ -46,8 +46,6 @@ from typing import Any, Callable, NoReturn, Optional, Union, cast
 
 import asyncssh
 
-from relay.addresses import format_hostport
-from relay.carrier import SshCarrier, TcpCarrier, TunnelRefused, carrier_opener
 from relay.config import (
     WORKER_OPTIONS,
     Option,
@@ -59,17 +57,19 @@ from relay.config import (
 from relay.errors import ConfigError
 from relay.logs import setup_logging
 from relay.metrics import Metrics
-from relay.muxpump import MuxDriver, MuxPump
-from relay.openssh import OpenSshConnection, OpenSshError
+from relay.net.addresses import format_hostport
+from relay.net.carrier import SshCarrier, TcpCarrier, TunnelRefused, carrier_opener
+from relay.net.muxpump import MuxDriver, MuxPump
+from relay.net.openssh import OpenSshConnection, OpenSshError
+from relay.net.pump import RESET, StreamInfo
+from relay.net.sshhop import Connection, Login, SshHop
+from relay.net.tlslink import TlsError, TlsVerifyError, connect_tls
 from relay.proto import ProtocolError, mux
 from relay.proto import hello as hl
 from relay.proto import session as ms
 from relay.proto import socks5 as s5
 from relay.proto.opener import AuthFailed, Established
-from relay.pump import RESET, StreamInfo
-from relay.sshhop import Connection, Login, SshHop
-from relay.tlslink import TlsError, TlsVerifyError, connect_tls
-from relay.worker import WorkerSettings
+from relay.worker.settings import WorkerSettings
 
 __all__ = ["CHECK_OPTIONS", "Hop", "check_chain", "check_main"]
 

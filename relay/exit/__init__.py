@@ -1,0 +1,1 @@
+"""relay-exit: accepts carriers, runs sessions, dials what the policy allows."""

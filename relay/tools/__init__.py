@@ -1,0 +1,1 @@
+"""Operator tools built on the daemons: ``relay check`` and ``relay demo``."""

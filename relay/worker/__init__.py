@@ -1,0 +1,1 @@
+"""relay-worker: local listeners on the compute node, streams multiplexed on carriers."""

@@ -61,7 +61,7 @@ fuzz: venv
 
 ## the fast tests only: no root, no namespaces
 unit: venv
-	$(BIN)/pytest -m "not netns" $(PYTEST_ARGS)
+	$(BIN)/pytest -m unit $(PYTEST_ARGS)
 
 ## relay vs the old chain, side by side on loopback (about 15 min; updates docs/PERFORMANCE.md)
 BENCH_STAMP := $(VENV)/.bench-stamp
@@ -95,7 +95,7 @@ soak-ci: venv debs
 ## (root; about 2 minutes, the first run also installs COBalD/TARDIS into a venv)
 .PHONY: site-demo
 site-demo: venv debs
-	$(BIN)/python -m tests.lab.site_demo $(SITE_DEMO_ARGS)
+	$(BIN)/python -m tests.support.site_demo $(SITE_DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-3.* .test-results .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -3,7 +3,7 @@ behind its own relay worker, all through one login node and the idle-killing fir
 
     python -m bench.batch_rehearsal [--drones 16] [--hold 60] [--out DIR]     (as root)
 
-The site is tests/lab/batchsite.py with one compute node per drone (glidein.sbatch asks for a
+The site is tests/support/batchsite.py with one compute node per drone (glidein.sbatch asks for a
 node of its own, --exclusive). Reported: the time from TARDIS's start to every glidein
 connected (its collector and shadow connections answered through the relay), and per job from
 Slurm's start to connected; the login node's footprint while all are up and idle (TCP
@@ -26,8 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tests.lab.batchsite import BatchSite
-from tests.lab.netns import _netns_pids
+from tests.support.batchsite import BatchSite
+from tests.support.netns import _netns_pids
 
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bench.common import free_port
-from tests.lab._proc import descendants, terminate
-from tests.lab.sshd import Sshd, start_sshd
+from tests.support.proc import descendants, terminate
+from tests.support.sshd import Sshd, start_sshd
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent

@@ -3,7 +3,7 @@
     python -m bench.lab_chains [--quick] [--rounds N] [--size-mib N] [--chains a,b,...]
                                [--out DIR]                                      # as root
 
-One lab (tests/lab/netns.py: worker, login, fw, outside namespaces; the fw namespace lets only
+One lab (tests/support/netns.py: worker, login, fw, outside namespaces; the fw namespace lets only
 new login -> outside TCP to ports 80/443 through) holds every chain at once, each with its own
 sshd in the login namespace so its sshd processes can be told apart:
 
@@ -56,10 +56,10 @@ from pathlib import Path
 from typing import IO, Any, Optional
 
 from bench import procstat
-from tests.lab._proc import terminate
-from tests.lab.netns import Lab
-from tests.lab.relays import KEY_ID, SECRET, SOCKS_PASSWORD, SOCKS_USER, write_config
-from tests.lab.sshd import Sshd, start_sshd
+from tests.support.netns import Lab
+from tests.support.proc import terminate
+from tests.support.relays import KEY_ID, SECRET, SOCKS_PASSWORD, SOCKS_USER, write_config
+from tests.support.sshd import Sshd, start_sshd
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"

@@ -2,7 +2,7 @@
 
     python -m bench.mux_lab [--quick] [--v1-root /work/v1-39076cc]   # as root
 
-One lab (tests/lab/netns.py: worker, login, fw, outside namespaces) holds both relays at once:
+One lab (tests/support/netns.py: worker, login, fw, outside namespaces) holds both relays at once:
 
     v2: relay-worker (socks 1080) -> sshd 192.0.2.1:22   -> relay-exit 203.0.113.2:80
     v1: relay-worker (socks 1081) -> sshd 192.0.2.1:2222 -> relay-exit 203.0.113.2:443
@@ -51,10 +51,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bench import procstat
-from tests.lab._proc import terminate
-from tests.lab.netns import Lab
-from tests.lab.relays import KEY_ID, SECRET, SOCKS_PASSWORD, SOCKS_USER, parse_samples, write_config
-from tests.lab.sshd import Sshd, start_sshd
+from tests.support.netns import Lab
+from tests.support.proc import terminate
+from tests.support.relays import (
+    KEY_ID,
+    SECRET,
+    SOCKS_PASSWORD,
+    SOCKS_USER,
+    parse_samples,
+    write_config,
+)
+from tests.support.sshd import Sshd, start_sshd
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"

@@ -4,7 +4,7 @@
     python -m bench.soak --ci                 # the 3-minute version `make test` runs
     python -m bench.soak --minutes 10 --streams 4000
 
-The lab (tests/lab/site.py): N compute-node namespaces with one relay-worker each (all with one
+The lab (tests/support/site.py): N compute-node namespaces with one relay-worker each (all with one
 key id, as a site's workers share one), 2 login namespaces with an sshd each (every worker lists
 both), the nftables firewall that forgets idle connections, and 2 exits outside: exit A runs
 with ``workers = 2`` (a supervisor and two processes), exit B as one process. The destination
@@ -50,10 +50,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bench import procstat
-from tests.lab._proc import descendants, terminate
-from tests.lab.relays import KEY_ID, SECRET, SOCKS_PASSWORD, SOCKS_USER, parse_samples, write_config
-from tests.lab.site import Site
-from tests.lab.sshd import Sshd, start_sshd
+from tests.support.proc import descendants, terminate
+from tests.support.relays import (
+    KEY_ID,
+    SECRET,
+    SOCKS_PASSWORD,
+    SOCKS_USER,
+    parse_samples,
+    write_config,
+)
+from tests.support.site import Site
+from tests.support.sshd import Sshd, start_sshd
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -11,7 +11,7 @@ are attributes made on first use, from inside the running loop::
     class Hop:
         _lock = LoopBound(asyncio.Lock)
 
-``tests/test_loop_bound.py`` keeps asyncio objects out of ``__init__``, class bodies and
+``tests/loopback/test_loop_bound.py`` keeps asyncio objects out of ``__init__``, class bodies and
 module level in ``relay/`` and ``glidein_wrapper/``.
 """
 

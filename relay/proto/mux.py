@@ -4,7 +4,7 @@ Every frame is ``type:u8 stream:u32 length:u32 body[length]`` (big endian). Stre
 the carrier itself (PING, PONG, GOAWAY); every other frame names a stream. DATA carries its
 offset, so a receiver can drop bytes it already has when a stream is replayed on another
 carrier, and can tell a gap (a protocol error) from a duplicate. The layouts and the reasons
-are in docs/PROTOCOL.md; the test vectors are in tests/test_mux.py.
+are in docs/PROTOCOL.md; the test vectors are in tests/unit/test_mux.py.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ a whole session receiving carrier bytes, and the HTTP CONNECT parser. Each may r
 only with ProtocolError (its documented failure); the session's promises (credit, the
 buffered tally) are checked after every read. Any other exception is a crash that atheris
 reports with the input that caused it. ``one_input`` is plain Python, so
-tests/test_fuzz_harness.py runs it under pytest too (this file is not collected itself).
+tests/unit/test_fuzz_harness.py runs it under pytest too (this file is not collected itself).
 """
 
 from __future__ import annotations

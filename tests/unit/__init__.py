@@ -1,0 +1,1 @@
+"""In memory: protocol cores, parsers, config; no root, no network."""

@@ -49,7 +49,7 @@ test-one: debs
 ## regenerate docs/CONFIG.md from the option schema (a test fails when it is stale)
 .PHONY: docs
 docs: venv
-	$(BIN)/python -m relay.configdoc > docs/CONFIG.md.tmp
+	$(BIN)/python -m relay.config.doc > docs/CONFIG.md.tmp
 	mv docs/CONFIG.md.tmp docs/CONFIG.md
 
 ## long coverage-guided fuzzing of the protocol codecs (atheris; FUZZ_SECONDS, default 600)

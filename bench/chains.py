@@ -21,13 +21,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from bench.common import free_port
 from tests.support.proc import descendants, terminate
+from tests.support.relays import wait_port, write_config, write_private
 from tests.support.sshd import Sshd, start_sshd
 
 BIN = Path(sys.executable).parent
@@ -37,46 +37,11 @@ SECRET = "bench-secret-0123456789abcdef0123456789"
 SOCKS_USER, SOCKS_PASSWORD = "glidein", "bench-local-pass"
 GCM = "aes128-gcm@openssh.com"
 
+START_TIMEOUT = 20.0
+"""Seconds a process gets to listen on its port (many start at once on two cores)."""
+
 WAN_LOGIN_EXIT_MS = 5.0
 WAN_EXIT_DEST_MS = 10.0
-
-
-def _private(path: Path, text: str) -> Path:
-    path.write_text(text)
-    path.chmod(0o600)
-    return path
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def write_toml(path: Path, table: str, values: dict[str, Any]) -> Path:
-    path.write_text(f"[{table}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items()))
-    return path
-
-
-def wait_port(
-    port: int, proc: Optional[subprocess.Popen[Any]], log: Optional[Path], timeout: float = 20.0
-) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            text = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}:\n{text}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout:.0f}s")
 
 
 @dataclass
@@ -144,7 +109,7 @@ class Bench:
         )
         self.procs.append(proc)
         if port:
-            wait_port(port, proc, log)
+            wait_port(port, proc, log, timeout=START_TIMEOUT)
         return proc
 
     def close(self) -> None:
@@ -181,7 +146,7 @@ class Bench:
             ],
             port=self.echo_port,
         )
-        wait_port(self.bulk_port, proc, None)
+        wait_port(self.bulk_port, proc, timeout=START_TIMEOUT)
         self.sink_pid = proc.pid
 
     def start_forwarders(self, exits: dict[str, int]) -> dict[str, int]:
@@ -267,18 +232,19 @@ class Bench:
         d = self.workdir / name
         d.mkdir(exist_ok=True)
         socks = free_port()
-        config = write_toml(
+        auth = write_private(d / "socks.auth", f"{SOCKS_USER}:{SOCKS_PASSWORD}\n")
+        config = write_config(
             d / "worker.toml",
             "worker",
             {
                 "socks": f"127.0.0.1:{socks}",
-                "socks_auth": str(_private(d / "socks.auth", f"{SOCKS_USER}:{SOCKS_PASSWORD}\n")),
+                "socks_auth": str(auth),
                 "login": [f"{sshd.user}@127.0.0.1:{sshd.port}"],
                 "ssh_key": str(sshd.client_key),
                 "known_hosts": str(sshd.known_hosts),
                 "exit": [f"127.0.0.1:{exit_port}"],
                 "key_id": KEY_ID,
-                "secret_file": str(_private(d / "worker.secret", SECRET + "\n")),
+                "secret_file": str(write_private(d / "worker.secret", SECRET + "\n")),
                 **self.worker_config,
             },
         )
@@ -297,12 +263,12 @@ class Bench:
         d = self.workdir / f"{name}-exit"
         d.mkdir(exist_ok=True)
         exit_port = free_port()
-        config = write_toml(
+        config = write_config(
             d / "exit.toml",
             "exit",
             {
                 "listen": f"127.0.0.1:{exit_port}",
-                "keys": str(_private(d / "exit.keys", f"{KEY_ID} {SECRET}\n")),
+                "keys": str(write_private(d / "exit.keys", f"{KEY_ID} {SECRET}\n")),
                 "allow": ["127.0.0.1/32:*"],
                 "max_streams": 50000,
                 "max_streams_per_key": 50000,

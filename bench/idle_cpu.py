@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import resource
+import tempfile
 import time
+from pathlib import Path
 
+from relay.config.values import HostPort, parse_rule
 from relay.exit.daemon import RelayExit
-from relay.exit.policy import Policy
 from relay.exit.settings import ExitSettings
 from relay.worker.daemon import RelayWorker
 from relay.worker.settings import WorkerSettings
@@ -34,17 +37,28 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         pass
 
 
+def _private(path: Path, data: bytes) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
 async def measure(streams: int, idle: float) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        return await _measure(Path(tmp), streams, idle)
+
+
+async def _measure(files: Path, streams: int, idle: float) -> float:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # two sockets per stream here
     server = await asyncio.start_server(_echo, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     relay_exit = RelayExit(
         ExitSettings(
-            listen_host="127.0.0.1",
-            listen_port=0,
-            keys={KEY_ID: SECRET},
-            policy=Policy.from_strings(["127.0.0.1/32:*"]),
+            listen=HostPort("127.0.0.1", 0),
+            keys=_private(files / "exit.keys", KEY_ID.encode() + b" " + SECRET + b"\n"),
+            allow=(parse_rule("127.0.0.1/32:*"),),
             max_streams=streams + 100,
             max_streams_per_key=streams + 100,
         )
@@ -52,12 +66,11 @@ async def measure(streams: int, idle: float) -> float:
     await relay_exit.start()
     worker = RelayWorker(
         WorkerSettings(
-            socks_host="127.0.0.1",
-            socks_port=0,
-            socks_credentials=(USER.decode(), PASSWORD.decode()),
-            exits=[relay_exit.address],
+            socks=HostPort("127.0.0.1", 0),
+            socks_auth=_private(files / "socks.auth", USER + b":" + PASSWORD + b"\n"),
+            exit=(HostPort(*relay_exit.address),),
             key_id=KEY_ID,
-            secret=SECRET,
+            secret_file=_private(files / "secret", SECRET),
         )
     )
     await worker.start()

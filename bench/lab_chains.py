@@ -58,7 +58,14 @@ from typing import IO, Any, Optional
 from bench import procstat
 from tests.support.netns import Lab
 from tests.support.proc import terminate
-from tests.support.relays import KEY_ID, SECRET, SOCKS_PASSWORD, SOCKS_USER, write_config
+from tests.support.relays import (
+    KEY_ID,
+    SECRET,
+    SOCKS_PASSWORD,
+    SOCKS_USER,
+    write_config,
+    write_private,
+)
 from tests.support.sshd import Sshd, start_sshd
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,12 +95,6 @@ class BenchFailure(RuntimeError):
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _private(path: Path, text: str) -> Path:
-    path.write_text(text)
-    path.chmod(0o600)
-    return path
 
 
 def _cmdline(pid: int) -> str:
@@ -248,7 +249,7 @@ class Bench:
         client = name.split("-", 1)[1]
         wd = self.workdir / name
         wd.mkdir(parents=True, exist_ok=True)
-        keys = _private(wd / "exit.keys", f"{KEY_ID} {SECRET}\n")
+        keys = write_private(wd / "exit.keys", f"{KEY_ID} {SECRET}\n")
         exit_cfg = write_config(
             wd / "exit.toml",
             "exit",
@@ -265,8 +266,8 @@ class Bench:
             stderr=subprocess.STDOUT,
         )
         lab.wait_listening(lab.outside, exit_port, timeout=15, proc=exit_proc)
-        secret = _private(wd / "worker.secret", SECRET + "\n")
-        auth = _private(wd / "socks.auth", f"{SOCKS_USER}:{SOCKS_PASSWORD}\n")
+        secret = write_private(wd / "worker.secret", SECRET + "\n")
+        auth = write_private(wd / "socks.auth", f"{SOCKS_USER}:{SOCKS_PASSWORD}\n")
         worker_cfg = write_config(
             wd / "worker.toml",
             "worker",

@@ -60,6 +60,7 @@ from tests.support.relays import (
     SOCKS_USER,
     parse_samples,
     write_config,
+    write_private,
 )
 from tests.support.sshd import Sshd, start_sshd
 
@@ -105,12 +106,6 @@ MODES: dict[str, dict[str, Any]] = {
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _private(path: Path, text: str) -> Path:
-    path.write_text(text)
-    path.chmod(0o600)
-    return path
 
 
 @dataclass
@@ -214,7 +209,7 @@ class Bench:
         if dirty:
             relay.commit += "+dirty"
             relay.dirty = [line.split(maxsplit=1)[-1] for line in dirty.splitlines()]
-        keys = _private(wd / "exit.keys", f"{KEY_ID} {SECRET}\n")
+        keys = write_private(wd / "exit.keys", f"{KEY_ID} {SECRET}\n")
         exit_values: dict[str, Any] = {
             "listen": f"{lab.outside_ip}:{relay.exit_port}",
             "keys": str(keys),
@@ -230,8 +225,8 @@ class Bench:
             stdout=(wd / "exit.log").open("a"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         lab.wait_listening(lab.outside, relay.exit_port, timeout=15, proc=relay.exit_proc)
-        secret = _private(wd / "worker.secret", SECRET + "\n")
-        auth = _private(wd / "socks.auth", f"{SOCKS_USER}:{SOCKS_PASSWORD}\n")
+        secret = write_private(wd / "worker.secret", SECRET + "\n")
+        auth = write_private(wd / "socks.auth", f"{SOCKS_USER}:{SOCKS_PASSWORD}\n")
         sshd = relay.sshd
         worker_values: dict[str, Any] = {
             "socks": f"127.0.0.1:{relay.socks_port}",

@@ -58,6 +58,7 @@ from tests.support.relays import (
     SOCKS_USER,
     parse_samples,
     write_config,
+    write_private,
 )
 from tests.support.site import Site
 from tests.support.sshd import Sshd, start_sshd
@@ -119,12 +120,6 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _private(path: Path, text: str) -> Path:
-    path.write_text(text)
-    path.chmod(0o600)
-    return path
 
 
 @dataclass
@@ -213,7 +208,7 @@ class Soak:
             )
         )
         site.wait_listening(site.outside, FLAKY_PORT, proc=self.sink.popen)
-        self.keys = _private(self.workdir / "exit.keys", f"{KEY_ID} {SECRET}\n")
+        self.keys = write_private(self.workdir / "exit.keys", f"{KEY_ID} {SECRET}\n")
         for i, ip in enumerate(site.exit_ips[:2]):
             values: dict[str, Any] = {
                 "listen": f"{ip}:80",
@@ -237,8 +232,8 @@ class Soak:
             )
             site.wait_listening(site.outside, 80, proc=proc.popen)
             self.exits.append(proc)
-        secret = _private(self.workdir / "worker.secret", SECRET + "\n")
-        auth = _private(self.workdir / "socks.auth", f"{SOCKS_USER}:{SOCKS_PASSWORD}\n")
+        secret = write_private(self.workdir / "worker.secret", SECRET + "\n")
+        auth = write_private(self.workdir / "socks.auth", f"{SOCKS_USER}:{SOCKS_PASSWORD}\n")
         for i, ns in enumerate(site.workers):
             values = {
                 "socks": f"127.0.0.1:{SOCKS_PORT}",

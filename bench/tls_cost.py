@@ -27,18 +27,14 @@ from typing import Any
 
 from python_socks.async_.asyncio import Proxy
 
+from bench.common import free_port
 from relay.net.tlslink import TlsClient, client_context
 from relay.worker.daemon import RelayWorker
 from tests.support.helpers import KEY_ID, PASSWORD, SECRET, USER, Servers, worker_settings
+from tests.support.relays import wait_port, write_private
 from tests.support.tlscerts import Pki, make_pki
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -54,22 +50,15 @@ def rss_kib(pid: int) -> int:
 
 
 def start_exit(workdir: Path, pki: Pki, tls: bool) -> tuple[subprocess.Popen[bytes], int]:
-    keys = workdir / "exit.keys"
-    keys.write_text(f"{KEY_ID} {SECRET.decode()}\n")
-    keys.chmod(0o600)
+    keys = write_private(workdir / "exit.keys", f"{KEY_ID} {SECRET.decode()}\n")
     port = free_port()
     args = [str(BIN / "relay-exit"), "--listen", f"127.0.0.1:{port}", "--keys", str(keys),
             "--allow", "127.0.0.1/32:*", "--log-level", "error"]  # fmt: skip
     if tls:
         args += ["--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key)]
     proc = subprocess.Popen(args)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, port
-        time.sleep(0.05)
-    raise RuntimeError("relay-exit did not start")
+    wait_port(port, proc)
+    return proc, port
 
 
 async def measure(workdir: Path, pki: Pki, tls: bool, mib: int) -> dict[str, Any]:

@@ -17,11 +17,11 @@ from glidein_wrapper.ready import AttachedCheck, Check, InProcessCheck, NotReady
 from glidein_wrapper.rundir import make_run_dir, new_credentials, remove_run_dir, write_private
 from glidein_wrapper.supervisor import Signals, run_command, signal_name, status_lines
 from relay import __version__
-from relay.config import load_worker_config
+from relay.config.loading import load_worker_config
+from relay.config.secrets import load_userpass
 from relay.errors import ConfigError
 from relay.logs import setup_logging
 from relay.metrics import Metrics
-from relay.secrets import load_userpass
 from relay.worker.daemon import RelayWorker
 from relay.worker.settings import WorkerSettings
 
@@ -98,11 +98,12 @@ def _prepare(opts: WrapperOptions, run_dir: Path) -> Plan:
         plan.credentials = new_credentials()
         user, password = plan.credentials
         auth = write_private(run_dir / "socks.auth", f"{user}:{password}\n")
-        cfg = load_worker_config(_worker_argv(opts, auth))
-        plan.settings = WorkerSettings.from_config(cfg)
+        settings = WorkerSettings.from_values(load_worker_config(_worker_argv(opts, auth)))
     except ConfigError as exc:
         raise Fatal(EXIT_USAGE, str(exc)) from None
-    plan.log_format, plan.log_level, plan.uvloop = cfg.log_format, cfg.log_level, not cfg.no_uvloop
+    plan.settings = settings
+    plan.log_format, plan.log_level = settings.log_format, settings.log_level
+    plan.uvloop = not settings.no_uvloop
     return plan
 
 

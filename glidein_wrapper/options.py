@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn, Optional, Union
 
-from relay.config import HostPort, parse_hostport
+from relay.config.values import HostPort, parse_hostport
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -119,20 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not start an HTTP CONNECT listener when the worker config has none",
     )
-    add("--ready-timeout", type=_seconds, default=120.0, metavar="SECONDS", help="(default 120)")
+    add(
+        "--ready-timeout",
+        type=_seconds,
+        default=WrapperOptions.ready_timeout,
+        metavar="SECONDS",
+        help=f"(default {WrapperOptions.ready_timeout:g})",
+    )
     add(
         "--drain-timeout",
         type=_seconds,
-        default=10.0,
+        default=WrapperOptions.drain_timeout,
         metavar="SECONDS",
-        help="after COMMAND exits, how long open streams may finish (default 10)",
+        help="after COMMAND exits, how long open streams may finish"
+        f" (default {WrapperOptions.drain_timeout:g})",
     )
     add(
         "--status-interval",
         type=_seconds,
-        default=300.0,
+        default=WrapperOptions.status_interval,
         metavar="SECONDS",
-        help="seconds between one-line status logs (default 300)",
+        help=f"seconds between one-line status logs (default {WrapperOptions.status_interval:g})",
     )
     add("--attach", metavar="HOST:PORT", help="use a running relay-worker's SOCKS5 listener")
     add("--attach-auth", metavar="FILE", help="USER:PASSWORD file of the --attach listener")

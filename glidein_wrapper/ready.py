@@ -22,16 +22,19 @@ import time
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
-from relay.config import HostPort
-from relay.errors import OpenFailed
+from relay.config.values import HostPort
+from relay.errors import DialFailed, OpenFailed
 from relay.net.addresses import format_hostport
-from relay.net.carrier import TunnelRefused, carrier_opener
+from relay.net.backoff import Backoff
+from relay.net.carrier import TunnelRefused
 from relay.net.pump import SHUTDOWN, StreamInfo
 from relay.net.sshhop import SshUnavailable
 from relay.proto import ProtocolError, mux
 from relay.proto import hello as hl
 from relay.proto import socks5 as s5
+from relay.proto.errors import RelayError
 from relay.worker.daemon import RelayWorker
+from relay.worker.dialler import DialTimes
 
 log = logging.getLogger("glidein_wrapper")
 
@@ -56,13 +59,13 @@ SESSION_POLL = 0.05
 """Seconds between looks at the worker's sessions while the gate waits for one."""
 
 
-class NotReady(Exception):
+class NotReady(RelayError):
     """One hop of the chain is not usable (yet); ``final`` when waiting cannot change that
     (the login nodes or the exits refused our key), so the gate gives up at once instead of
-    at its timeout."""
+    at its timeout. ``reason`` is the hop, as the wrapper logs it."""
 
     def __init__(self, hop: str, why: str, final: bool = False) -> None:
-        super().__init__(f"{hop}: {why}")
+        super().__init__(f"{hop}: {why}", reason=hop)
         self.hop = hop
         self.why = why
         self.final = final
@@ -92,7 +95,7 @@ async def wait_ready(
     """
     started = clock()
     deadline = started + timeout
-    delay = 1.0
+    backoff = Backoff(1.0, 2.0, 15.0)
     last: Optional[NotReady] = None
     while True:
         remaining = deadline - clock()
@@ -110,12 +113,12 @@ async def wait_ready(
         remaining = deadline - clock()
         if remaining <= 0:
             raise last
+        delay = backoff.next()
         log.warning(
             "chain not ready yet",
             extra={"fields": {"hop": last.hop, "why": last.why, "retry_in": min(delay, remaining)}},
         )
         await asyncio.sleep(min(delay, remaining))
-        delay = min(delay * 2, 15.0)
 
 
 class InProcessCheck(Check):
@@ -141,7 +144,7 @@ class InProcessCheck(Check):
             for probe in self.probes:
                 await self._probe(probe)
         else:
-            for exit_addr in worker.settings.exits:
+            for exit_addr in worker.settings.exit:
                 await self._session([exit_addr])
 
     def silence(self, timeout: float) -> str:
@@ -185,7 +188,7 @@ class InProcessCheck(Check):
     async def _probe(self, probe: HostPort) -> None:
         """A stream to ``probe`` on the worker's session, reset again once the exit answered."""
         worker = self.worker
-        await self._session(worker.settings.exits)
+        await self._session(worker.settings.exit)
         self._current = probe
         try:
             address = s5.encode_address(probe.host, probe.port)
@@ -201,7 +204,7 @@ class InProcessCheck(Check):
             if not answer.done():
                 answer.set_result(code)
 
-        info = StreamInfo(os.urandom(4).hex(), str(probe), worker.settings.key_id)
+        info = StreamInfo(os.urandom(4).hex(), str(probe), worker.settings.key_id or "")
         pump = client.open(address, info, answered)
         try:
             while not answer.done():
@@ -241,32 +244,24 @@ async def hello_check(worker: RelayWorker, exit_host: str, exit_port: int) -> No
 
     The gate itself looks at the running worker's sessions instead; this checks an exit with
     a worker that is not running (its settings and SSH hop only)."""
-    settings = worker.settings
     where = format_hostport(exit_host, exit_port)
+    times = DialTimes()
     try:
-        carrier = await asyncio.wait_for(
-            worker.dial((exit_host, exit_port)), settings.connect_timeout + 5
-        )
-    except OpenFailed as exc:
-        hop = "ssh" if isinstance(exc.__cause__, SshUnavailable) else "exit"
+        carrier, _ = await worker.dialler.connect((exit_host, exit_port), times=times)
+    except DialFailed as exc:
+        hop = "ssh" if exc.reason == SshUnavailable.reason else "exit"
         raise NotReady(hop, str(exc)) from None
-    except asyncio.TimeoutError:
-        raise NotReady("exit", f"no connection to exit {where}") from None
-    try:
-        carrier.start(carrier_opener(settings.secret, settings.key_id, settings.heartbeat))
-        await asyncio.wait_for(worker.handshake(carrier), settings.connect_timeout)
     except TunnelRefused as exc:
         if exc.stage == "method":
             why = "the exit refused the tunnel method (is it a relay-exit?)"
         else:
             why = f"the exit refused our HELLO: {hl.STATUS_NAMES.get(exc.status, exc.status)}"
         raise NotReady("exit", why) from None
-    except OpenFailed as exc:
-        raise NotReady("exit", str(exc)) from None
     except asyncio.TimeoutError:
+        if times.stage == "channel":
+            raise NotReady("exit", f"no connection to exit {where}") from None
         raise NotReady("exit", f"no HELLO reply from exit {where}") from None
-    finally:
-        carrier.close()
+    carrier.close()
 
 
 # --------------------------------------------------------------------------- attached worker

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, Callable, Optional, Union
 
 from relay import __version__
-from relay.config import load_exit_config, load_worker_config
+from relay.config.loading import Values, load_exit_config, load_worker_config
 from relay.errors import ConfigError
 from relay.exit.daemon import RelayExit
 from relay.exit.group import GROUP_ENV, Group, GroupPlace
@@ -91,21 +91,20 @@ def _run(main: Awaitable[int]) -> int:
 
 def _settings(
     prog: str,
-    load: Callable[[list[str]], Any],
-    build: Callable[[Any], Any],
+    load: Callable[[list[str]], Values],
+    build: Callable[[Values], Any],
     args: list[str],
     worker: Optional[int] = None,
 ) -> Any:
-    """Config and settings from ``args`` (None after printing the one-line error), then
-    logging and the event loop as the config says."""
+    """Settings from ``args`` (None after printing the one-line error), then logging and the
+    event loop as they say."""
     try:
-        cfg = load(args)
-        settings = build(cfg)
+        settings = build(load(args))
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return None
-    setup_logging(cfg.log_format, cfg.log_level, worker)
-    log.info("%s %s starting (%s)", prog, __version__, use_uvloop(not cfg.no_uvloop))
+    setup_logging(settings.log_format, settings.log_level, worker)
+    log.info("%s %s starting (%s)", prog, __version__, use_uvloop(not settings.no_uvloop))
     return settings
 
 
@@ -117,13 +116,13 @@ def exit_main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"relay-exit: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     worker = place.index if place is not None else None
-    settings = _settings("relay-exit", load_exit_config, ExitSettings.from_config, args, worker)
+    settings = _settings("relay-exit", load_exit_config, ExitSettings.from_values, args, worker)
     if settings is None:
         return EXIT_USAGE
     if place is None and settings.workers > 1:
         from relay.exit.supervisor import supervise
 
-        return supervise(args, load_exit_config(args))
+        return supervise(args, settings)
     if place is not None:
         settings.share(place.workers)
 
@@ -135,11 +134,11 @@ def exit_main(argv: Optional[Sequence[str]] = None) -> int:
             """SIGHUP: re-read keys, policy and TLS certificate; a bad file keeps the old ones."""
             notify("RELOADING=1")
             try:
-                fresh = ExitSettings.from_config(load_exit_config(args))
+                fresh = ExitSettings.from_values(load_exit_config(args))
             except ConfigError as exc:
                 log.error("reload refused, old configuration stays: %s", exc)
             else:
-                daemon.reload(fresh.keys, fresh.policy, fresh.tls, fresh.tls_fingerprint)
+                daemon.reload(fresh.secrets, fresh.policy, fresh.tls, fresh.tls_fingerprint)
             notify("READY=1")
 
         return await _serve(daemon, reload, daemon.group)
@@ -159,7 +158,7 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
         from relay.tools.check import check_main
 
         return check_main(args[1:])
-    settings = _settings("relay-worker", load_worker_config, WorkerSettings.from_config, args)
+    settings = _settings("relay-worker", load_worker_config, WorkerSettings.from_values, args)
     if settings is None:
         return EXIT_USAGE
 

@@ -271,7 +271,7 @@ class ExitConnection(PlainProtocol):
             assert isinstance(event.message, hl.Hello)
             return self._on_hello(event.message)
         if isinstance(event, s5.UserPass):
-            secret = settings.keys.get(event.username)
+            secret = settings.secrets.get(event.username)
             ok = secret is not None and hmac.compare_digest(
                 secret, event.password.encode("utf-8", "replace")
             )
@@ -299,7 +299,7 @@ class ExitConnection(PlainProtocol):
             if self._hand_off(hello, ho.KIND_RESUME):
                 return False
             return self._on_join(hello)
-        secret = settings.keys.get(hello.key_id)
+        secret = settings.secrets.get(hello.key_id)
         if secret is None:
             return self._hello_refused(hello, hl.BAD_AUTH, "unknown-key")
         if not hl.verify_hello(hello, secret):
@@ -483,7 +483,7 @@ class ExitConnection(PlainProtocol):
             addresses = await resolve(relay_exit, request.host, request.port, request.atyp)
         except Refusal as refusal:
             if not self.closed:
-                self._refuse_plain(refusal.code, refusal.result, request, refusal.why)
+                self._refuse_plain(refusal.code, refusal.reason, request, refusal.why)
             return False
         dest, error = None, None
         loop = asyncio.get_running_loop()

@@ -74,10 +74,10 @@ class RelayExit(Daemon):
         group = self.group
         await self._listen(
             self._accept,
-            s.listen_host,
-            s.listen_port if group is None else group.place.port,
-            s.metrics_host,
-            s.metrics_port,
+            s.listen.host,
+            s.listen.port if group is None else group.place.port,
+            s.metrics.host if s.metrics is not None else None,
+            s.metrics.port if s.metrics is not None else 0,
             reuse_port=group is not None,
             metrics_path=group.place.metrics_path if group is not None else "",
         )
@@ -88,7 +88,7 @@ class RelayExit(Daemon):
             extra={
                 "fields": {
                     "addr": format_hostport(*self.address),
-                    "keys": len(s.keys),
+                    "keys": len(s.secrets),
                     "rules": len(s.policy.rules),
                     "allow_plain": s.allow_plain,
                     "tls": s.tls_fingerprint if s.tls is not None else "off",
@@ -127,7 +127,7 @@ class RelayExit(Daemon):
     ) -> None:
         """Swap keys and policy (and the TLS certificate) at once; sessions of a key that is
         gone are closed. Connections accepted from now on get the new certificate."""
-        self.settings.keys = keys
+        self.settings.secrets = keys
         self.settings.policy = policy
         if tls is not None and self.settings.tls is not None:
             self.settings.tls = tls

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Optional
 
 from relay.metrics import Metrics
 from relay.proto import socks5 as s5
+from relay.proto.errors import RelayError
 
 if TYPE_CHECKING:
     from relay.exit.daemon import RelayExit
@@ -54,11 +55,15 @@ def _denied(metrics: Metrics, reason: str) -> Refusal:
     return Refusal(s5.NOT_ALLOWED, "denied", f"policy: {reason}")
 
 
-class Refusal(Exception):
+class Refusal(RelayError):
+    """The exit will not or cannot open a stream: ``code`` is the SOCKS5 reply the worker
+    (and its client) gets, ``reason`` the stream's result in relay_streams_total, ``why``
+    what the log says."""
+
+    code: int
+
     def __init__(self, code: int, result: str, why: str) -> None:
-        super().__init__(why)
-        self.code = code
-        self.result = result
+        super().__init__(why, code=code, reason=result)
         self.why = why
 
 

@@ -12,16 +12,23 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
+from relay.config.values import (
+    DOTTED_QUAD_RE,
+    MAX_NAME,
+    NAT64,
+    V4_COMPAT,
+    Rule,
+    parse_rule,
+    valid_port,
+)
+
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
-__all__ = ["REASONS", "Decision", "Policy", "PolicyError", "Rule", "parse_rule"]
+__all__ = ["REASONS", "Decision", "Policy"]
 
 _Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 _Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-
-PORT_MIN = 1
-PORT_MAX = 65535
 
 # Ranges that must not be reachable through a broad rule: they lead back to the exit host, to
 # its site network, or nowhere sensible.  Documentation ranges are deliberately absent because
@@ -59,49 +66,9 @@ REASONS: tuple[str, ...] = (
 )
 """Every value Decision.reason can take, so metric label sets can be created up front."""
 
-# IPv6 forms that a host or a NAT64 gateway turns into IPv4 connections; they are judged as the
-# IPv4 address they carry, or "::ffff:127.0.0.1" would slip past the IPv4 loopback denial.
-_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-_V4_COMPAT = ipaddress.IPv6Network("::/96")
-
-# Leading zeros are refused outright: inet_aton reads "0177.0.0.1" as octal 127.0.0.1, while
-# the ipaddress module of Python < 3.9.5 read it as decimal 177.0.0.1.
-_DOTTED_QUAD = re.compile(r"(?:0|[1-9][0-9]{0,2})(?:\.(?:0|[1-9][0-9]{0,2})){3}")
-_PREFIX = re.compile(r"[0-9]{1,3}")
-_PORTS = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
-_RULE_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 # Names from clients are matched leniently (underscores, edge hyphens) but must still be plain
 # hostnames, so that nothing a resolver might truncate or reinterpret reaches the suffix test.
 _NAME_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
-_MAX_NAME = 253
-
-
-class PolicyError(ValueError):
-    """A rule an operator wrote is malformed; the message quotes it so it can be found."""
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One allowlist entry; exactly one of network and suffix is set."""
-
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
-    suffix: str | None
-    port_lo: int
-    port_hi: int
-    text: str
-
-    def __post_init__(self) -> None:
-        if (self.network is None) == (self.suffix is None):
-            raise PolicyError(f"rule {self.text!r}: exactly one of network and suffix must be set")
-        if not PORT_MIN <= self.port_lo <= self.port_hi <= PORT_MAX:
-            raise PolicyError(
-                f"rule {self.text!r}: port range {self.port_lo}-{self.port_hi} is not within "
-                f"{PORT_MIN}-{PORT_MAX} or is reversed"
-            )
-
-    def allows_port(self, port: int) -> bool:
-        return _valid_port(port) and self.port_lo <= port <= self.port_hi
 
 
 @dataclass(frozen=True)
@@ -111,154 +78,6 @@ class Decision:
     allowed: bool
     reason: str
     rule: Rule | None
-
-
-def _fail(text: str, what: str) -> PolicyError:
-    return PolicyError(f"invalid rule {text!r}: {what}")
-
-
-def _parse_ports(text: str, ports: str | None) -> tuple[int, int]:
-    if ports is None or ports == "*":
-        return PORT_MIN, PORT_MAX
-    if ports == "":
-        raise _fail(text, "empty port after ':' (use N, N-M or *)")
-    m = _PORTS.fullmatch(ports)
-    if m is None:
-        raise _fail(text, f"bad port {ports!r} (use N, N-M or *)")
-    lo = int(m.group(1))
-    hi = int(m.group(2)) if m.group(2) is not None else lo
-    for p in (lo, hi):
-        if not PORT_MIN <= p <= PORT_MAX:
-            raise _fail(text, f"port {p} is outside {PORT_MIN}-{PORT_MAX}")
-    if lo > hi:
-        raise _fail(text, f"port range {lo}-{hi} is reversed")
-    return lo, hi
-
-
-def _parse_suffix(text: str, body: str) -> str:
-    domain = body[1:]
-    if domain.endswith("."):
-        domain = domain[:-1]  # accept the fully-qualified spelling
-    if not domain:
-        raise _fail(text, "empty domain suffix (a bare '.' would match every name)")
-    if not domain.isascii():
-        raise _fail(text, "domain suffix must be ASCII (write IDNs as xn-- punycode)")
-    domain = domain.lower()
-    if len(domain) > _MAX_NAME:
-        raise _fail(text, f"domain suffix is longer than {_MAX_NAME} characters")
-    labels = domain.split(".")
-    for label in labels:
-        if not _RULE_LABEL.fullmatch(label):
-            raise _fail(
-                text,
-                f"{label!r} is not a DNS label (letters, digits and inner hyphens, 1-63 chars)",
-            )
-    if labels[-1].isdigit():
-        raise _fail(text, "top-level label is all digits; for addresses write a CIDR rule")
-    return domain
-
-
-def _parse_ip(text: str, addr: str) -> _Address:
-    if not addr:
-        raise _fail(text, "missing address")
-    if not addr.isascii() or "%" in addr:
-        raise _fail(text, f"{addr!r} is not a plain IP address")
-    hint = ""
-    if ":" not in addr and any(c.isalpha() for c in addr):
-        hint = "; domain suffix rules start with '.'"
-    tail = addr.rsplit(":", 1)[-1]
-    if "." in tail and not _DOTTED_QUAD.fullmatch(tail):
-        if not hint and re.fullmatch(r"[0-9.]+", tail):
-            hint = " (IPv4 octets must not have leading zeros)"
-        raise _fail(text, f"{addr!r} is not an IP address{hint}")
-    try:
-        return ipaddress.ip_address(addr)
-    except ValueError:
-        raise _fail(text, f"{addr!r} is not an IP address{hint}") from None
-
-
-def _parse_network(text: str, addr_text: str, prefix: str | None) -> _Network:
-    addr = _parse_ip(text, addr_text)
-    if prefix is None:
-        return ipaddress.ip_network(addr)
-    if not _PREFIX.fullmatch(prefix):
-        raise _fail(text, f"bad prefix length {prefix!r}")
-    plen = int(prefix)
-    if plen > addr.max_prefixlen:
-        raise _fail(text, f"prefix /{plen} is too long for IPv{addr.version}")
-    try:
-        return ipaddress.ip_network((addr, plen))
-    except ValueError:
-        loose = ipaddress.ip_network((addr, plen), strict=False)
-        raise _fail(text, f"host bits set (did you mean {loose}?)") from None
-
-
-def _split_cidr(text: str, body: str) -> tuple[str, str | None, str | None, bool]:
-    """Split into address, prefix, ports and whether the address was bracketed."""
-    if body.startswith("["):
-        close = body.find("]")
-        if close < 0:
-            raise _fail(text, "missing ']'")
-        inner, rest = body[1:close], body[close + 1 :]
-        addr, slash, prefix_in = inner.partition("/")
-        prefix: str | None = prefix_in if slash else None
-        ports: str | None = None
-        if rest.startswith("/"):
-            if prefix is not None:
-                raise _fail(text, "prefix length given twice")
-            prefix, colon, ports_text = rest[1:].partition(":")
-            ports = ports_text if colon else None
-        elif rest.startswith(":"):
-            ports = rest[1:]
-        elif rest:
-            raise _fail(text, f"unexpected {rest!r} after ']'")
-        return addr, prefix, ports, True
-    if "/" in body:
-        # The prefix ends the address, so unbracketed IPv6 is unambiguous here.
-        addr, _, tail = body.partition("/")
-        prefix, colon, ports_text = tail.partition(":")
-        return addr, prefix, (ports_text if colon else None), False
-    if body.count(":") > 1:
-        raise _fail(
-            text, "IPv6 address without a /prefix must be bracketed, e.g. [2001:db8::1]:443"
-        )
-    addr, colon, ports_text = body.partition(":")
-    return addr, None, (ports_text if colon else None), False
-
-
-def _only_embedded_v4(net: _Network) -> bool:
-    """True for IPv6 rules that could never match, because check() judges these as IPv4."""
-    if not isinstance(net, ipaddress.IPv6Network):
-        return False
-    if net.subnet_of(_V4_MAPPED) or net.subnet_of(_NAT64):
-        return True
-    return net.subnet_of(_V4_COMPAT) and int(net.network_address) > 1
-
-
-def parse_rule(text: str) -> Rule:
-    """Parse one rule, refusing anything ambiguous rather than guessing what was meant."""
-    if not isinstance(text, str):
-        raise PolicyError(f"invalid rule {text!r}: not a string")
-    body = text.strip()
-    if not body:
-        raise _fail(text, "empty rule")
-    if body.startswith("."):
-        domain, colon, ports_text = body.partition(":")
-        suffix = _parse_suffix(text, domain)
-        lo, hi = _parse_ports(text, ports_text if colon else None)
-        return Rule(network=None, suffix=suffix, port_lo=lo, port_hi=hi, text=text)
-    addr, prefix, ports, bracketed = _split_cidr(text, body)
-    network = _parse_network(text, addr, prefix)
-    if bracketed and network.version != 6:
-        raise _fail(text, "brackets are only for IPv6 addresses")
-    if _only_embedded_v4(network):
-        raise _fail(
-            text,
-            "IPv4-mapped, IPv4-compatible and NAT64 addresses are checked as IPv4; "
-            "write the IPv4 rule instead",
-        )
-    lo, hi = _parse_ports(text, ports)
-    return Rule(network=network, suffix=None, port_lo=lo, port_hi=hi, text=text)
 
 
 def _denied_range(addr: _Address) -> str | None:
@@ -274,13 +93,15 @@ def _inside_denied_range(net: _Network) -> bool:
 
 
 def _unwrap(addr: _Address) -> _Address:
+    """The IPv4 address an IPv6 form carries, or "::ffff:127.0.0.1" would slip past the IPv4
+    loopback denial."""
     if isinstance(addr, ipaddress.IPv6Address):
         if addr.scope_id:
             addr = ipaddress.IPv6Address(int(addr))  # the zone does not change what is reached
         mapped = addr.ipv4_mapped
         if mapped is not None:
             return mapped
-        if addr in _NAT64 or (addr in _V4_COMPAT and int(addr) > 1):
+        if addr in NAT64 or (addr in V4_COMPAT and int(addr) > 1):
             return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
     return addr
 
@@ -291,7 +112,7 @@ def _parse_address(address: object) -> _Address | None:
     if not isinstance(address, str) or not address.isascii():
         return None
     tail = address.split("%", 1)[0].rsplit(":", 1)[-1]
-    if "." in tail and not _DOTTED_QUAD.fullmatch(tail):
+    if "." in tail and not DOTTED_QUAD_RE.fullmatch(tail):
         return None
     try:
         return _unwrap(ipaddress.ip_address(address))
@@ -304,15 +125,11 @@ def _normalise_name(name: object) -> str | None:
         return None
     host = name[:-1] if name.endswith(".") else name
     host = host.lower()
-    if not host or len(host) > _MAX_NAME:
+    if not host or len(host) > MAX_NAME:
         return None
     if not all(_NAME_LABEL.fullmatch(label) for label in host.split(".")):
         return None
     return host
-
-
-def _valid_port(port: object) -> bool:
-    return isinstance(port, int) and not isinstance(port, bool) and PORT_MIN <= port <= PORT_MAX
 
 
 def _name_matches(host: str, suffix: str) -> bool:
@@ -346,7 +163,7 @@ class Policy:
 
     def may_allow_name(self, name: str, port: int) -> bool:
         """Lets the exit refuse before resolving, so denied names cost no DNS lookup."""
-        if not _valid_port(port):
+        if not valid_port(port):
             return False
         host = _normalise_name(name)
         for rule in self.rules:
@@ -368,7 +185,7 @@ class Policy:
         addr = _parse_address(address)
         if addr is None:
             return Decision(False, "invalid", None)
-        if not _valid_port(port):
+        if not valid_port(port):
             return Decision(False, "port", None)
 
         denied = _denied_range(addr)

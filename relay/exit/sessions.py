@@ -196,7 +196,7 @@ class ExitMux:
             try:
                 addresses = await resolve(relay_exit, host, port, atyp)
             except Refusal as refusal:
-                self._refuse(pump, refusal.code, refusal.result, dest_name, refusal.why)
+                self._refuse(pump, refusal.code, refusal.reason, dest_name, refusal.why)
                 return
             dest, error = None, None
             loop = asyncio.get_running_loop()
@@ -214,7 +214,7 @@ class ExitMux:
                     dest[0].close()
                 pump.discard()
                 return  # the worker reset the stream while we dialled
-            if self.key_id not in settings.keys:  # revoked by a reload while we connected
+            if self.key_id not in settings.secrets:  # revoked by a reload while we connected
                 if dest is not None:
                     dest[0].close()
                 self._refuse(pump, s5.GENERAL_FAILURE, "revoked", dest_name, "key revoked")

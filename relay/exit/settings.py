@@ -1,82 +1,78 @@
-"""What relay-exit reads, as one object that tests and the demo can build directly."""
+"""What relay-exit reads: the options of its schema table and what it derives from them."""
 
 from __future__ import annotations
 
-import logging
 import ssl
-from typing import Any, Optional
+from pathlib import Path
+from typing import Optional
 
+from relay.config.schema import EXIT_OPTIONS
+from relay.config.secrets import check_private, load_keys
+from relay.config.settings import Settings
+from relay.config.values import HostPort, Rule
 from relay.exit.policy import Policy
 from relay.net.tlslink import cert_fingerprint, server_context
-from relay.secrets import load_keys
-
-log = logging.getLogger("relay.exit")
 
 
-class ExitSettings:
-    """The knobs the exit reads, so tests and the demo need not build a whole config."""
+class ExitSettings(Settings):
+    """Every option of :data:`~relay.config.schema.EXIT_OPTIONS` as an attribute (defaults from
+    the schema), plus the key secrets, the policy and the TLS context read from them.
 
-    def __init__(self, **kwargs: Any) -> None:
-        self.listen_host: str = kwargs.pop("listen_host", "0.0.0.0")
-        self.listen_port: int = kwargs.pop("listen_port", 80)
-        self.keys: dict[str, bytes] = kwargs.pop("keys")
-        self.policy: Policy = kwargs.pop("policy")
-        self.allow_plain: bool = kwargs.pop("allow_plain", False)
-        self.heartbeat: float = kwargs.pop("heartbeat", 25.0)
-        self.heartbeat_misses: int = kwargs.pop("heartbeat_misses", 3)
-        self.handshake_timeout: float = kwargs.pop("handshake_timeout", 10.0)
-        self.connect_timeout: float = kwargs.pop("connect_timeout", 10.0)
-        self.max_streams: int = kwargs.pop("max_streams", 50000)
-        self.max_streams_per_key: int = kwargs.pop("max_streams_per_key", 20000)
-        self.max_handshakes: int = kwargs.pop("max_handshakes", 1000)
-        self.max_carriers: int = kwargs.pop("max_carriers", 2000)
-        self.max_carriers_per_key: int = kwargs.pop("max_carriers_per_key", 200)
-        self.max_buffered: int = kwargs.pop("max_buffered", 1 << 30)
-        # TLS on the listener (None: plain TCP); the fingerprint is only logged.
-        self.tls: Optional[ssl.SSLContext] = kwargs.pop("tls", None)
-        self.tls_fingerprint: str = kwargs.pop("tls_fingerprint", "")
-        self.tcp_keepalive: float = kwargs.pop("tcp_keepalive", 60.0)
-        self.replay_buffer: int = kwargs.pop("replay_buffer", 4 * 1024 * 1024)
-        self.resume_timeout: float = kwargs.pop("resume_timeout", 600.0)
-        self.max_parked: int = kwargs.pop("max_parked", 10000)
-        self.metrics_host: Optional[str] = kwargs.pop("metrics_host", None)
-        self.metrics_port: int = kwargs.pop("metrics_port", 0)
-        self.workers: int = kwargs.pop("workers", 1)
-        if kwargs:
-            raise TypeError(f"unknown exit settings: {', '.join(sorted(kwargs))}")
+    The derived values are computed when the settings are built, so a bad key file or
+    certificate stops the start (or a reload) with its one-line ConfigError.
+    """
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> ExitSettings:
-        tls, tls_fingerprint = None, ""
-        if cfg.tls_cert is not None:
-            tls = server_context(cfg.tls_cert, cfg.tls_key)
-            tls_fingerprint = cert_fingerprint(cfg.tls_cert)
-        return cls(
-            listen_host=cfg.listen.host,
-            listen_port=cfg.listen.port,
-            keys=load_keys(cfg.keys),
-            policy=Policy(cfg.allow),
-            allow_plain=cfg.allow_plain,
-            heartbeat=cfg.heartbeat,
-            heartbeat_misses=cfg.heartbeat_misses,
-            handshake_timeout=cfg.handshake_timeout,
-            connect_timeout=cfg.connect_timeout,
-            max_streams=cfg.max_streams,
-            max_streams_per_key=cfg.max_streams_per_key,
-            max_handshakes=cfg.max_handshakes,
-            max_carriers=cfg.max_carriers,
-            max_carriers_per_key=cfg.max_carriers_per_key,
-            max_buffered=cfg.max_buffered,
-            tls=tls,
-            tls_fingerprint=tls_fingerprint,
-            tcp_keepalive=cfg.tcp_keepalive,
-            replay_buffer=cfg.replay_buffer,
-            resume_timeout=cfg.resume_timeout,
-            max_parked=cfg.max_parked,
-            metrics_host=cfg.metrics.host if cfg.metrics else None,
-            metrics_port=cfg.metrics.port if cfg.metrics else 0,
-            workers=cfg.workers,
-        )
+    OPTIONS = EXIT_OPTIONS
+    ROLE = "exit"
+
+    config: Optional[Path]
+    listen: HostPort
+    workers: int
+    keys: Optional[Path]
+    allow: tuple[Rule, ...]
+    allow_plain: bool
+    tls_cert: Optional[Path]
+    tls_key: Optional[Path]
+    metrics: Optional[HostPort]
+    heartbeat: float
+    heartbeat_misses: int
+    handshake_timeout: float
+    connect_timeout: float
+    max_streams: int
+    max_streams_per_key: int
+    max_handshakes: int
+    max_carriers: int
+    max_carriers_per_key: int
+    max_buffered: int
+    tcp_keepalive: float
+    replay_buffer: int
+    resume_timeout: float
+    max_parked: int
+    log_format: str
+    log_level: str
+    no_uvloop: bool
+
+    # derived
+    secrets: dict[str, bytes]
+    """KEY_ID -> SECRET from the ``keys`` file (none without one)."""
+    policy: Policy
+    tls: Optional[ssl.SSLContext]
+    """TLS on the listener (None: plain TCP)."""
+    tls_fingerprint: str
+    """Of the certificate presented, for the log only."""
+
+    def __init__(self, **values: object) -> None:
+        super().__init__(**values)
+        self.secrets = load_keys(self.keys) if self.keys is not None else {}
+        self.policy = Policy(self.allow)
+        self.tls, self.tls_fingerprint = None, ""
+        if self.tls_cert is not None or self.tls_key is not None:
+            if self.tls_cert is None or self.tls_key is None:
+                raise TypeError("tls_cert and tls_key go together")
+            # The loader checks it too; settings built without the loader must not skip it.
+            check_private(self.tls_key, "--tls-key")
+            self.tls = server_context(self.tls_cert, self.tls_key)
+            self.tls_fingerprint = cert_fingerprint(self.tls_cert)
 
     def share(self, workers: int) -> ExitSettings:
         """The limits of one process of ``workers``: each its equal share (rounded up),

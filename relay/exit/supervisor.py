@@ -5,7 +5,7 @@ in RESTART_WINDOW seconds, else it stops them all and fails) and serves one /met
 the group: every process's series with a ``worker`` label.
 
 What the processes share is set up here and inherited: one SOCK_SEQPACKET socketpair per
-process over which the others hand it connections (:mod:`relay.exitgroup`), a control
+process over which the others hand it connections (:mod:`relay.exit.group`), a control
 socketpair per process (it says "ready"; its closing tells either side the other is gone),
 and a private 0700 directory for the processes' metrics sockets. The supervisor keeps its
 copies of all of them, so a restarted process takes over its predecessor's inbox, and keeps

@@ -14,20 +14,28 @@ from typing import Any, Optional
 
 import asyncssh
 
+from relay.errors import ChannelRefused
 from relay.net.muxpump import MuxDriver
 from relay.net.openssh import OpenSshConnection
 from relay.proto import ProtocolError, seal
 from relay.proto import hello as hl
+from relay.proto.errors import RelayError
 from relay.proto.opener import CarrierOpener, Established, Refused
 
 
-class TunnelRefused(ConnectionError):
-    """The exit refused the tunnel method or our HELLO."""
+class TunnelRefused(RelayError, ConnectionError):
+    """The exit refused the tunnel method or our HELLO: ``code`` (also ``status``) is the
+    HELLO status it answered, ``reason`` the worker's auth-failure label (``exit-method``,
+    ``exit-hello``)."""
 
     def __init__(self, stage: str, status: int) -> None:
         self.stage = stage
         self.status = status
-        super().__init__(f"exit refused {stage}: {hl.STATUS_NAMES.get(status, status)}")
+        super().__init__(
+            f"exit refused {stage}: {hl.STATUS_NAMES.get(status, status)}",
+            code=status,
+            reason=f"exit-{stage}",
+        )
 
 
 class CarrierBase:
@@ -46,15 +54,12 @@ class CarrierBase:
         """The ssh process whose forward this carrier is, if any."""
         self._since = time.monotonic()
 
-    async def channel_failure(self) -> Optional[str]:
-        """Why the login node could not open this carrier's channel, if it said so."""
+    async def channel_failure(self) -> Optional[ChannelRefused]:
+        """The login node's refusal of this carrier's channel, if ssh logged one."""
         if self.via is None:
             return None
         why = await self.via.channel_failure(self._since)
-        if why is None:
-            return None
-        login = self.via.get_extra_info("login")
-        return f"login node {login.host if login else ''} cannot reach the exit: {why}"
+        return ChannelRefused(why) if why is not None else None
 
     def start(self, opener: CarrierOpener) -> None:
         self.opener = opener

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from relay.net.addresses import format_hostport
+from relay.proto.errors import RelayError
 
 log = logging.getLogger("relay.ssh")
 
@@ -51,11 +52,12 @@ _TERM_AGAIN = 0.2
 _STDERR_LINES = 40
 
 
-class OpenSshError(ConnectionError):
-    """ssh exited before its forwards were up; ``kind`` names the cause, the message is ssh's."""
+class OpenSshError(RelayError, ConnectionError):
+    """ssh exited before its forwards were up; ``kind`` (also ``reason``) names the cause,
+    the message is ssh's."""
 
     def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(message, reason=kind)
         self.kind = kind
 
 

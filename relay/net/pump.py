@@ -1,9 +1,10 @@
 """The plain TCP side of every pump, the stream's log line, and the raw pump.
 
 :class:`RawPump` joins two plain sides (the exit's plain SOCKS5 mode, the worker's upstream
-mode); relay.muxpump joins a plain side to a multiplexed tunnel stream. Both are driven by protocol
-callbacks only: no coroutine per chunk, no copies beyond what framing needs. Either side may
-deliver bytes before the other side exists; they are held and the early side stops reading.
+mode); relay.net.muxpump joins a plain side to a multiplexed tunnel stream. Both are driven
+by protocol callbacks only: no coroutine per chunk, no copies beyond what framing needs.
+Either side may deliver bytes before the other side exists; they are held and the early side
+stops reading.
 """
 
 from __future__ import annotations

@@ -20,9 +20,12 @@ import asyncssh
 
 from relay.metrics import Metrics
 from relay.net.addresses import format_hostport
+from relay.net.backoff import Backoff
 from relay.net.loopbound import LoopBound
 from relay.net.openssh import CIPHERS, OpenSshConnection, OpenSshError
 from relay.net.sockopts import QUICKACK_BELOW, quickack
+from relay.proto import socks5 as s5
+from relay.proto.errors import RelayError
 
 log = logging.getLogger("relay.ssh")
 
@@ -139,12 +142,16 @@ class _LoginDialer:
         return transport, inner
 
 
-class SshUnavailable(ConnectionError):
-    """No login node could be reached; the message says why for each one.
+class SshUnavailable(RelayError, ConnectionError):
+    """No login node could be reached; the message says why for each one. A stream waiting
+    for it is refused with a general failure.
 
     ``retry_after`` is the earliest moment (seconds from now) an attempt may succeed when
     the connection rate limit, not a failure, was what stopped it.
     """
+
+    code = s5.GENERAL_FAILURE
+    reason = "ssh-unavailable"
 
     def __init__(self, message: str, retry_after: float = 0.0, final: bool = False) -> None:
         super().__init__(message)
@@ -209,6 +216,10 @@ class SshHop:
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
         self.retry_after = retry_after
+        self._hold = Backoff(retry_after, factor=1.0)
+        """After every login node failed, no new attempt for this long (the last error is
+        raised again instead); the connection budgets limit the rate besides."""
+        self._held_for = 0.0
         self.client = client
         self.targets = list(targets)
         self.tcp_targets = list(tcp_targets)
@@ -242,7 +253,7 @@ class SshHop:
             if self._closed:
                 raise SshUnavailable("worker is stopping")
             if self._last_error is not None and (
-                time.monotonic() - self._last_failure < self.retry_after
+                time.monotonic() - self._last_failure < self._held_for
             ):
                 raise self._last_error
             errors, waits = [], []
@@ -275,10 +286,12 @@ class SshHop:
                 self.current = login
                 self._preferred = index
                 self._last_error = None
+                self._hold.reset()
                 log.info("SSH connected", extra={"fields": {"login": str(login)}})
                 return conn
             self._preferred = (self._preferred + 1) % count
             self._last_failure = time.monotonic()
+            self._held_for = self._hold.next()
             self._last_error = SshUnavailable(
                 "; ".join(errors), min(waits) if len(waits) == count else 0.0, final == count
             )

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import hashlib
 import re
@@ -32,7 +31,8 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
 from relay.errors import ConfigError
-from relay.secrets import check_private
+from relay.proto import socks5 as s5
+from relay.proto.errors import RelayError
 
 __all__ = [
     "TlsClient",
@@ -44,7 +44,6 @@ __all__ = [
     "client_context",
     "connect_tls",
     "fingerprint",
-    "parse_fingerprint",
     "server_context",
 ]
 
@@ -52,12 +51,22 @@ READ_CHUNK = 256 * 1024
 """Most plaintext handed to the protocol in one call (one raw read is at most this much)."""
 
 
-class TlsError(ConnectionError):
-    """TLS failed: a bad handshake, a broken record, or a peer that does not speak TLS."""
+class TlsError(RelayError, ConnectionError):
+    """TLS failed: a bad handshake, a broken record, or a peer that does not speak TLS.
+
+    ``reason`` is the worker's relay_carriers_total result; a stream waiting for the carrier
+    is refused with a general failure."""
+
+    code = s5.GENERAL_FAILURE
+    reason = "tls-failed"
 
 
 class TlsVerifyError(TlsError):
-    """The peer's certificate was not accepted (CA, host name or pinned fingerprint)."""
+    """The peer's certificate was not accepted (CA, host name or pinned fingerprint).
+
+    ``reason`` is the worker's relay_auth_failures_total reason."""
+
+    reason = "exit-tls"
 
 
 def _describe(exc: ssl.SSLError) -> str:
@@ -89,35 +98,6 @@ def fingerprint(der: bytes) -> str:
     return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
 
 
-_HEX_RE = re.compile(r"[0-9A-Fa-f]{2}(?::?[0-9A-Fa-f]{2}){31}")
-_B64_RE = re.compile(r"[A-Za-z0-9+/]{43}=?")
-
-
-def parse_fingerprint(text: str) -> bytes:
-    """The 32 bytes of a SHA-256 certificate fingerprint.
-
-    Accepts hex (``ab12...``, also ``AB:12:...`` as ``openssl x509 -fingerprint -sha256``
-    prints it, with or without its ``sha256 Fingerprint=`` prefix) and OpenSSH style
-    ``SHA256:base64``. Raises ValueError.
-    """
-    value = text.strip()
-    lowered = value.lower()
-    for prefix in ("sha256 fingerprint=", "sha256:"):
-        if lowered.startswith(prefix):
-            value = value[len(prefix) :]
-            break
-    if _HEX_RE.fullmatch(value):
-        return bytes.fromhex(value.replace(":", ""))
-    if _B64_RE.fullmatch(value):
-        try:
-            return base64.b64decode(value.rstrip("=") + "=", validate=True)
-        except binascii.Error:
-            pass
-    raise ValueError(
-        "expected a SHA-256 fingerprint: 64 hex digits (colons allowed) or SHA256:base64"
-    )
-
-
 _PEM_CERT_RE = re.compile(r"-----BEGIN CERTIFICATE-----\s+.*?-----END CERTIFICATE-----", re.DOTALL)
 
 
@@ -139,7 +119,6 @@ def _no_password() -> bytes:
 
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     """TLS 1.2+ server context with the exit's certificate chain and key; ConfigError if bad."""
-    check_private(key, "--tls-key")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # Client-initiated renegotiation costs the server a handshake each: refuse it.

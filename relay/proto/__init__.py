@@ -7,6 +7,10 @@ testable without a network.
 
 from __future__ import annotations
 
+from relay.proto.errors import RelayError
 
-class ProtocolError(Exception):
+
+class ProtocolError(RelayError):
     """The peer sent bytes that break the protocol; the connection must be closed."""
+
+    reason = "protocol-error"

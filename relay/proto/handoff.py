@@ -26,7 +26,7 @@ from relay.proto import ProtocolError
 MAX_WORKERS = 64
 """Most processes in a group (the first byte of a session id names one of them)."""
 
-MAX_DATA = 64 * 1024
+MAX_HANDSHAKE_BYTES = 64 * 1024
 """Most handshake bytes one handoff carries; a connection that sent more before its HELLO
 was complete is refused instead of handed off."""
 
@@ -38,7 +38,7 @@ KIND_NAMES = {KIND_NEW: "new", KIND_RESUME: "resume"}
 # version, kind, from worker, answer bytes already sent, length of the data
 _HEADER = struct.Struct("!BBBxII")
 HEADER_SIZE = _HEADER.size
-MAX_MESSAGE = HEADER_SIZE + MAX_DATA
+MAX_MESSAGE = HEADER_SIZE + MAX_HANDSHAKE_BYTES
 
 _ROUTE_LABEL = b"hpc-relay/1 route"
 _NEW_SESSION = bytes(16)
@@ -94,7 +94,7 @@ def owner(is_resume: bool, nonce: bytes, session_id: bytes, index: int, workers:
 def encode(kind: int, source: int, sent: int, data: bytes) -> bytes:
     if kind not in KIND_NAMES:
         raise ValueError(f"unknown handoff kind {kind}")
-    if len(data) > MAX_DATA:
+    if len(data) > MAX_HANDSHAKE_BYTES:
         raise ValueError(f"{len(data)} handshake bytes are more than a handoff carries")
     if not 0 <= source < MAX_WORKERS or not 0 <= sent <= len(data):
         raise ValueError("handoff source or sent count out of range")
@@ -110,7 +110,7 @@ def decode(message: bytes) -> Handoff:
         raise ProtocolError(f"unsupported handoff version {version}")
     if kind not in KIND_NAMES:
         raise ProtocolError(f"unknown handoff kind {kind}")
-    if length != len(message) - HEADER_SIZE or length > MAX_DATA:
+    if length != len(message) - HEADER_SIZE or length > MAX_HANDSHAKE_BYTES:
         raise ProtocolError(
             f"handoff length {length} does not match its {len(message) - HEADER_SIZE} data bytes"
         )

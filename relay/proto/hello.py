@@ -24,6 +24,8 @@ SESSION_ID_SIZE = 16
 MAC_SIZE = 32
 MAX_KEY_ID = 64
 NEW_SESSION = bytes(SESSION_ID_SIZE)
+CLOCK_WINDOW_S = 120.0
+"""The exit refuses HELLOs whose timestamp is further than this from its clock."""
 
 _HELLO_LABEL = b"hpc-relay/2 hello"
 _REPLY_LABEL = b"hpc-relay/2 hello-reply"
@@ -187,7 +189,7 @@ class ReplayGuard:
     so memory is bounded by the HELLO rate times twice the window.
     """
 
-    def __init__(self, window_s: float = 120.0, max_entries: int = 1_000_000) -> None:
+    def __init__(self, window_s: float = CLOCK_WINDOW_S, max_entries: int = 1_000_000) -> None:
         self.window_ms = int(window_s * 1000)
         self.max_entries = max_entries
         self._seen: dict[bytes, int] = {}

@@ -18,14 +18,15 @@ Hops, in order, each timed:
 ``heartbeat``
     one PING/PONG on the carrier: the round trip the session's keepalive pays.
 
-The check is built from the worker's own parts (:class:`~relay.net.sshhop.SshHop`, the carriers,
-the carrier opener, the session state machine and its driver), so what passes here is what
-the worker does. Without ``--probe`` the session OPENs ``0.0.0.0:9``, which every exit refuses
-by policy (the unspecified address is always denied): that proves the session works and that
-the policy is on, at the price of one ``relay_policy_denials_total{reason="unspecified"}`` at
-the exit. Probe streams end with FIN (a reset after two seconds if the destination does not
-close), so the exit logs them like any stream; when the check closes its carrier the exit's
-session has no stream left, so it ends instead of being parked for a resume.
+The check is built from the worker's own parts (:class:`~relay.net.sshhop.SshHop`, the
+:class:`~relay.worker.dialler.Dialler` that opens carriers and runs their HELLO, the session
+state machine and its driver), so what passes here is what the worker does. Without ``--probe``
+the session OPENs ``0.0.0.0:9``, which every exit refuses by policy (the unspecified address is
+always denied): that proves the session works and that the policy is on, at the price of one
+``relay_policy_denials_total{reason="unspecified"}`` at the exit. Probe streams end with FIN (a
+reset after two seconds if the destination does not close), so the exit logs them like any
+stream; when the check closes its carrier the exit's session has no stream left, so it ends
+instead of being parked for a resume.
 """
 
 from __future__ import annotations
@@ -42,33 +43,29 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional, Union, cast
+from typing import Any, Callable, NoReturn, Optional, Union
 
 import asyncssh
 
-from relay.config import (
-    WORKER_OPTIONS,
-    Option,
-    WorkerConfig,
-    build_parser,
-    load_worker_config,
-    parse_hostport,
-)
-from relay.errors import ConfigError
+from relay.config.loading import build_parser, load_worker_config
+from relay.config.schema import CHECK_OPTIONS, WORKER_OPTIONS
+from relay.config.values import parse_hostport
+from relay.errors import ChannelRefused, ConfigError, DialFailed
 from relay.logs import setup_logging
 from relay.metrics import Metrics
 from relay.net.addresses import format_hostport
-from relay.net.carrier import SshCarrier, TcpCarrier, TunnelRefused, carrier_opener
+from relay.net.carrier import TunnelRefused
 from relay.net.muxpump import MuxDriver, MuxPump
 from relay.net.openssh import OpenSshConnection, OpenSshError
 from relay.net.pump import RESET, StreamInfo
-from relay.net.sshhop import Connection, Login, SshHop
-from relay.net.tlslink import TlsError, TlsVerifyError, connect_tls
+from relay.net.sshhop import Connection, Login
+from relay.net.tlslink import TlsError, TlsVerifyError
 from relay.proto import ProtocolError, mux
 from relay.proto import hello as hl
 from relay.proto import session as ms
 from relay.proto import socks5 as s5
 from relay.proto.opener import AuthFailed, Established
+from relay.worker.dialler import Carrier, Dialler, DialTimes, refused_channel, ssh_hop
 from relay.worker.settings import WorkerSettings
 
 __all__ = ["CHECK_OPTIONS", "Hop", "check_chain", "check_main"]
@@ -81,28 +78,13 @@ OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 
 SELF_TEST = ("0.0.0.0", 9)
 """Destination of the OPEN when no probe is given: denied by every exit's policy."""
-CLOCK_WINDOW_S = 120.0
-"""The exit refuses HELLOs whose timestamp is further than this from its clock."""
-SKEW_WARN_S = CLOCK_WINDOW_S / 2
+SKEW_WARN_S = hl.CLOCK_WINDOW_S / 2
 FIN_WAIT_S = 2.0
 """How long a probe stream waits for the destination to close after our FIN, then resets."""
 HOST_KEY_PEEK_S = 3.0
 """Longest wait for the login node's host key after ssh logged in: ssh does not say which key
 it saw, so the report fetches it once more."""
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
-
-CHECK_OPTIONS: tuple[Option, ...] = (
-    Option(
-        "probe",
-        "hostport",
-        (),
-        "destination to open a stream to through the exit (e.g. the collector); each is"
-        " one 'connect' hop, an OPEN on the check's one carrier. Command line only",
-        repeatable=True,
-    ),
-    Option("json", "bool", False, "print one JSON document instead of lines. Command line only"),
-)
-"""``relay check``'s own flags; every relay-worker option is accepted as well."""
 
 
 @dataclass
@@ -162,12 +144,12 @@ class _CheckSession:
     def __init__(
         self,
         settings: WorkerSettings,
-        carrier: Union[SshCarrier, TcpCarrier],
+        carrier: Carrier,
         est: Established,
         metrics: Metrics,
     ) -> None:
         s = settings
-        self.key_id = s.key_id
+        self.key_id = s.key_id or ""
         self.loop = asyncio.get_running_loop()
         self.gone: asyncio.Future[str] = self.loop.create_future()
         self.probes: dict[int, _ProbePump] = {}
@@ -261,28 +243,15 @@ class _CheckSession:
         self.driver.close("relay check done")
 
 
-class _ChannelRefused(ConnectionError):
-    """ssh (``--ssh-client openssh``) accepted the carrier's connection, then closed it: the
-    login node refused the direct-tcpip channel; ``reason`` is what ssh logged after
-    "open failed:"."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"channel open failed: {reason}")
-        self.reason = reason
-
-
 class _Attempt:
-    """What the carrier got to: channel, HELLO; times in seconds."""
+    """What the carrier got to (``times``: the stage and how long each took) and the error
+    that stopped it, as the transport, TLS, ssh or the exit gave it."""
 
     def __init__(self) -> None:
-        self.stage = "tcp"  # the stage that failed, or "open"
+        self.times = DialTimes()
         self.error: Optional[BaseException] = None
-        self.channel_s: Optional[float] = None
-        self.hello_s: Optional[float] = None
-        self.skew_s: Optional[float] = None
-        self.skew_error_s: Optional[float] = None
         self.established: Optional[Established] = None
-        self.carrier: Optional[Union[SshCarrier, TcpCarrier]] = None
+        self.carrier: Optional[Carrier] = None
 
 
 # --------------------------------------------------------------------------- the check
@@ -302,7 +271,8 @@ class Checker:
         self.timeout = settings.connect_timeout
         self.hops: list[Hop] = []
         self._report = report
-        self._metrics = Metrics("check")  # SshHop counts into it; never served
+        self._metrics = Metrics("check")  # the SSH hop and the dialler count into it; never served
+        self._dialler = Dialler(settings, self._metrics, None)  # through each login in turn
 
     def add(self, hop: Hop) -> Hop:
         self.hops.append(hop)
@@ -312,12 +282,12 @@ class Checker:
 
     async def run(self) -> list[Hop]:
         s = self.settings
-        targets: list[tuple[str, int]] = [s.upstream] if s.upstream is not None else s.exits
-        if not s.logins:
+        targets: list[tuple[str, int]] = [s.upstream] if s.upstream is not None else list(s.exit)
+        if not s.login:
             for target in targets:
                 await self._path(None, None, target)
             return self.hops
-        for login in s.logins:
+        for login in [Login(*target) for target in s.login]:
             conn = await self._ssh(login)
             if conn is None:
                 for target in targets:
@@ -343,18 +313,8 @@ class Checker:
         s = self.settings
         user = login.user or getpass.getuser()
         target = f"{user}@{format_hostport(login.host, login.port)}"
-        hop = SshHop(
-            [login],
-            s.ssh_key,
-            s.known_hosts,
-            self._metrics,
-            keepalive=s.ssh_keepalive,
-            connect_timeout=self.timeout,
-            client=s.ssh_client,
-            ssh_config=s.ssh_config,
-            targets=[] if s.upstream is not None else list(s.exits),
-            tcp_targets=[s.upstream] if s.upstream is not None else [],
-        )
+        hop = ssh_hop(s, self._metrics, [login])
+        assert hop is not None
         started = time.monotonic()
         try:
             conn = await asyncio.wait_for(hop.connect_to(login), self.timeout + 5)
@@ -600,9 +560,10 @@ class Checker:
             await self._upstream(conn, target, f"{name}{via}")
             return
         attempt = await self._open(conn, target)
-        if attempt.stage == "tcp":
+        times = attempt.times
+        if times.stage == "channel":
             cause, fix = self._tcp_failure(login, name, attempt.error)
-            self.add(Hop("tcp", f"{name}{via}", FAIL, attempt.channel_s, cause=cause, fix=fix))
+            self.add(Hop("tcp", f"{name}{via}", FAIL, times.channel_s, cause=cause, fix=fix))
             self._skip_after("tcp", name)
             return
         how = "TCP connected"
@@ -612,11 +573,11 @@ class Checker:
             how = "direct-tcpip channel open"
         if s.exit_tls is not None:
             how += ", TLS certificate verified"
-        self.add(Hop("tcp", f"{name}{via}", OK, attempt.channel_s, detail=how))
-        if attempt.stage == "hello":
+        self.add(Hop("tcp", f"{name}{via}", OK, times.channel_s, detail=how))
+        if times.stage == "hello":
             forwarded = isinstance(conn, OpenSshConnection)
             cause, fix = self._hello_failure(name, attempt.error, forwarded)
-            self.add(Hop("hello", name, FAIL, attempt.hello_s, cause=cause, fix=fix))
+            self.add(Hop("hello", name, FAIL, times.hello_s, cause=cause, fix=fix))
             self._skip_after("hello", name)
             return
         self.add(self._hello_hop(name, attempt))
@@ -632,107 +593,57 @@ class Checker:
             await session.close()
 
     async def _open(self, conn: Optional[Connection], target: tuple[str, int]) -> _Attempt:
-        """The carrier through the chain, up to the exit's HELLO reply.
+        """The carrier through the chain, up to the exit's HELLO reply, as the worker opens
+        it; a failure keeps the error the dialler classified, for the diagnosis.
 
         Through ssh (``--ssh-client openssh``) the carrier is a connection to its forward,
         which ssh accepts before the login node opens the channel: a refused channel is an
-        EOF, and ssh's log line says why.
+        EOF, and ssh's log line says why (a ChannelRefused, in the channel stage).
         """
-        s = self.settings
         attempt = _Attempt()
-        started = time.monotonic()
-        carrier: Union[SshCarrier, TcpCarrier]
+        times = attempt.times
         try:
-            if s.exit_tls is not None:  # TLS inside the channel, as the worker does it
-                loop = asyncio.get_running_loop()
-                raw: Any = conn if conn is not None else loop
-                _, tls_carrier = await connect_tls(
-                    lambda factory: raw.create_connection(factory, *target),
-                    TcpCarrier, s.exit_tls, target[0], self.timeout,
-                )  # fmt: skip
-                carrier = cast(TcpCarrier, tls_carrier)
-            elif isinstance(conn, OpenSshConnection):
-                _, forwarded = await asyncio.wait_for(
-                    conn.create_connection(TcpCarrier, *target), self.timeout
-                )
-                carrier = cast(TcpCarrier, forwarded)
-            elif conn is not None:
-                _, session = await asyncio.wait_for(
-                    conn.create_connection(SshCarrier, *target), self.timeout
-                )
-                carrier = cast(SshCarrier, session)
-            else:
-                loop = asyncio.get_running_loop()
-                _, protocol = await asyncio.wait_for(
-                    loop.create_connection(TcpCarrier, *target), self.timeout
-                )
-                carrier = protocol
-        except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
-            attempt.error = exc
-            if isinstance(conn, OpenSshConnection) and not isinstance(exc, TlsVerifyError):
-                attempt.error = await _refused_channel(conn, started) or exc
-            attempt.channel_s = time.monotonic() - started
+            carrier = await self._dialler.open(target, conn, self.timeout, times)
+            est = await self._dialler.hello(carrier, timeout=self.timeout, times=times)
+        except DialFailed as exc:
+            attempt.error = exc.__cause__ or exc
             return attempt
-        sent = time.monotonic()
-        sent_wall = time.time()
-        attempt.channel_s = sent - started
-        attempt.stage = "hello"
-        established = carrier.established
-        established.add_done_callback(_retrieve)
-        carrier.start(carrier_opener(s.secret, s.key_id, s.heartbeat))
-        try:
-            est = await asyncio.wait_for(asyncio.shield(established), self.timeout)
-        except (ProtocolError, ConnectionError, asyncio.TimeoutError) as exc:
-            carrier.close()
+        except (TunnelRefused, asyncio.TimeoutError) as exc:
             attempt.error = exc
-            attempt.hello_s = time.monotonic() - sent
-            closed = isinstance(exc, ConnectionError) and not isinstance(exc, TunnelRefused)
-            if closed and isinstance(conn, OpenSshConnection):
-                refused = await _refused_channel(conn, started)
-                if refused is not None:
-                    attempt.stage = "tcp"
-                    attempt.error = refused
-                    attempt.channel_s = time.monotonic() - started
-                    attempt.hello_s = None
             return attempt
-        hello_at = time.monotonic()
-        hello_wall = time.time()
-        attempt.stage = "open"
         attempt.carrier = carrier
         attempt.established = est
-        attempt.hello_s = hello_at - sent
-        attempt.skew_s = est.exit_time_ms / 1000 - (sent_wall + hello_wall) / 2
-        attempt.skew_error_s = (hello_wall - sent_wall) / 2
         return attempt
 
     def _hello_hop(self, name: str, attempt: _Attempt) -> Hop:
         s = self.settings
         established = attempt.established
         assert established is not None
-        skew = round(attempt.skew_s or 0.0, 3) + 0.0  # + 0.0: no "-0.000"
+        skew_s, skew_error_s = attempt.times.clock_skew(established)
+        skew = round(skew_s, 3) + 0.0  # + 0.0: no "-0.000"
         heartbeat = established.heartbeat_ms / 1000
         facts = {
             "key_id": s.key_id,
             "clock_skew_s": round(skew, 3),
-            "clock_skew_error_s": round(attempt.skew_error_s or 0.0, 3),
+            "clock_skew_error_s": round(skew_error_s, 3),
             "heartbeat_s": heartbeat,
         }
         detail = (
             f"key {s.key_id} accepted, exit authenticated; clock skew {skew:+.3f} s"
-            f" (±{attempt.skew_error_s or 0.0:.3f} s); heartbeat {heartbeat:g} s"
+            f" (±{skew_error_s:.3f} s); heartbeat {heartbeat:g} s"
         )
         if abs(skew) > SKEW_WARN_S:
             return Hop(
                 "hello",
                 name,
                 WARN,
-                attempt.hello_s,
+                attempt.times.hello_s,
                 detail=detail,
-                cause=f"clock skew {skew:+.0f} s: the exit refuses beyond ±{CLOCK_WINDOW_S:g} s",
+                cause=f"clock skew {skew:+.0f} s: the exit refuses beyond ±{hl.CLOCK_WINDOW_S:g} s",
                 fix="synchronise the clocks of this node and the exit (NTP, chrony)",
                 facts=facts,
             )
-        return Hop("hello", name, OK, attempt.hello_s, detail=detail, facts=facts)
+        return Hop("hello", name, OK, attempt.times.hello_s, detail=detail, facts=facts)
 
     async def _self_test(self, session: _CheckSession) -> None:
         """No probe: OPEN the unspecified address, which the exit's policy must refuse."""
@@ -869,14 +780,8 @@ class Checker:
         try:
             if isinstance(conn, OpenSshConnection):
                 await asyncio.wait_for(self._forwarded_upstream(conn, target), self.timeout)
-            elif conn is not None:
-                chan, _ = await asyncio.wait_for(
-                    conn.create_connection(asyncssh.SSHTCPSession, *target), self.timeout
-                )
-                chan.close()
             else:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(*target), self.timeout)
-                writer.close()
+                await self._dialler.reach(target, conn, self.timeout)
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
             cause, fix = self._tcp_failure(None, format_hostport(*target), exc)
             self.add(Hop("tcp", label, FAIL, time.monotonic() - started, cause=cause, fix=fix))
@@ -904,7 +809,7 @@ class Checker:
         finally:
             writer.close()
         if not answer:
-            refused = await _refused_channel(conn, started)
+            refused = await refused_channel(conn, started)
             if refused is not None:
                 raise refused
             raise ConnectionError("ssh closed the forwarded connection without an answer")
@@ -927,9 +832,9 @@ class Checker:
         if isinstance(exc, asyncssh.ChannelOpenError):
             prohibited = exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
             reason = exc.reason
-        elif isinstance(exc, _ChannelRefused):
-            prohibited = "administratively prohibited" in exc.reason
-            reason = exc.reason
+        elif isinstance(exc, ChannelRefused):
+            prohibited = "administratively prohibited" in exc.why
+            reason = exc.why
         if reason is not None:
             node = login.host if login is not None else "the login node"
             if prohibited:
@@ -999,7 +904,7 @@ class Checker:
                 now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
                 return (
                     "clock skew: the exit refused the HELLO because this node's clock and the"
-                    f" exit's differ by more than {CLOCK_WINDOW_S:g} s (this node: {now})",
+                    f" exit's differ by more than {hl.CLOCK_WINDOW_S:g} s (this node: {now})",
                     "synchronise the clocks of this node and the exit (NTP, chrony)",
                 )
             if exc.status == hl.BAD_VERSION:
@@ -1084,18 +989,6 @@ def _connect_failure(probe: tuple[str, int], code: int) -> tuple[str, str]:
         f"the exit could not open the stream ({s5.REPLY_NAMES.get(code, code)})",
         "look at the exit's log and relay_limit_hits_total (stream limits)",
     )
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Mark a handshake's failure as seen (it is reported from the wait, or not at all)."""
-    if not future.cancelled():
-        future.exception()
-
-
-async def _refused_channel(conn: OpenSshConnection, since: float) -> Optional[_ChannelRefused]:
-    """The refusal ssh logged for a channel opened after ``since``, if any."""
-    reason = await conn.channel_failure(since)
-    return _ChannelRefused(reason) if reason is not None else None
 
 
 def _describe(exc: Optional[BaseException]) -> str:
@@ -1199,7 +1092,7 @@ def format_hop(hop: Hop) -> str:
     return line
 
 
-def _load(argv: Sequence[str]) -> tuple[WorkerConfig, WorkerSettings, list[tuple[str, int]], bool]:
+def _load(argv: Sequence[str]) -> tuple[WorkerSettings, list[tuple[str, int]], bool]:
     ns, rest = _own_parser().parse_known_args(list(argv))
     if ns.help:
         raise _Help()
@@ -1213,8 +1106,7 @@ def _load(argv: Sequence[str]) -> tuple[WorkerConfig, WorkerSettings, list[tuple
     given = {arg.split("=", 1)[0] for arg in rest}
     if "--socks-auth" not in given and "--no-socks-auth" not in given:
         rest.append("--no-socks-auth")  # the local listener is not part of the check
-    cfg = load_worker_config(rest)
-    return cfg, WorkerSettings.from_config(cfg), probes, bool(ns.json)
+    return WorkerSettings.from_values(load_worker_config(rest)), probes, bool(ns.json)
 
 
 class _Help(Exception):
@@ -1225,14 +1117,14 @@ def check_main(argv: Optional[Sequence[str]] = None) -> int:
     """``relay check``: 0 all hops ok, 1 a hop failed, 2 usage or configuration error."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        cfg, settings, probes, as_json = _load(args)
+        settings, probes, as_json = _load(args)
     except _Help:
         print(USAGE + build_parser("relay check", WORKER_OPTIONS).format_help(), end="")
         return EXIT_OK
     except ConfigError as exc:
         print(f"relay check: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    setup_logging(cfg.log_format, "debug" if cfg.log_level == "debug" else "error")
+    setup_logging(settings.log_format, "debug" if settings.log_level == "debug" else "error")
 
     def show(hop: Hop) -> None:
         if not as_json:
@@ -1246,7 +1138,7 @@ def check_main(argv: Optional[Sequence[str]] = None) -> int:
     if as_json:
         doc = {
             "ok": not failed,
-            "config": str(cfg.config_file) if cfg.config_file else None,
+            "config": str(settings.config) if settings.config else None,
             "failed": [f"{hop.name} {hop.target}" for hop in failed],
             "hops": [hop.as_dict() for hop in hops],
         }

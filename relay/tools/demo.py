@@ -32,12 +32,11 @@ from typing import Callable, Optional, TextIO
 import asyncssh
 from python_socks.async_.asyncio import Proxy
 
+from relay.config.values import HostPort, LoginTarget, parse_rule
 from relay.exit.daemon import RelayExit
-from relay.exit.policy import Policy
 from relay.exit.settings import ExitSettings
 from relay.logs import setup_logging
 from relay.metrics import Metrics
-from relay.net.sshhop import Login
 from relay.worker.daemon import RelayWorker
 from relay.worker.settings import WorkerSettings
 
@@ -580,13 +579,15 @@ async def run_demo(
         stack.push_async_callback(echo.stop)
         await echo.start()
 
+        # The secrets go to private files in workdir, as the daemons read them on a site.
         secret = secrets.token_hex(16)
+        keys = workdir / "exit.keys"
+        _write_private(keys, f"{KEY_ID} {secret}\n".encode())
         relay_exit = RelayExit(
             ExitSettings(
-                listen_host=HOST,
-                listen_port=0,
-                keys={KEY_ID: secret.encode()},
-                policy=Policy.from_strings([f"{HOST}:{echo.address[1]}"]),
+                listen=HostPort(HOST, 0),
+                keys=keys,
+                allow=(parse_rule(f"{HOST}:{echo.address[1]}"),),
                 allow_plain=True,
                 heartbeat=heartbeat,
                 **DEMO_LIMITS,
@@ -604,19 +605,21 @@ async def run_demo(
         await login.start()
 
         socks_user, socks_password = "glidein", secrets.token_hex(8)
+        socks_auth, secret_file = workdir / "socks.auth", workdir / "worker.secret"
+        _write_private(socks_auth, f"{socks_user}:{socks_password}\n".encode())
+        _write_private(secret_file, secret.encode())
         worker = RelayWorker(
             WorkerSettings(
-                socks_host=HOST,
-                socks_port=0,
-                socks_credentials=(socks_user, socks_password),
-                logins=[Login(SSH_USER, *login.address)],
+                socks=HostPort(HOST, 0),
+                socks_auth=socks_auth,
+                login=(LoginTarget(SSH_USER, *login.address),),
                 # Built in, like the login node: the demo needs nothing outside Python.
                 ssh_client="asyncssh",
                 ssh_key=login.client_key_path,
                 known_hosts=login.known_hosts,
-                exits=[box.address],
+                exit=(HostPort(*box.address),),
                 key_id=KEY_ID,
-                secret=secret.encode(),
+                secret_file=secret_file,
                 heartbeat=heartbeat,
                 connect_timeout=SETUP_TIMEOUT,
                 carriers=carriers,

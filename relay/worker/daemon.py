@@ -4,30 +4,25 @@ long-lived carriers per exit (protocol v2, docs/PROTOCOL.md)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
-import asyncssh
 from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
 from python_socks.async_.asyncio import Proxy
 
 from relay.errors import OpenFailed
 from relay.metrics import Metrics
 from relay.net.addresses import format_hostport
-from relay.net.carrier import SshCarrier, TcpCarrier, TunnelRefused
 from relay.net.daemon import Daemon
 from relay.net.muxpump import MuxPump
-from relay.net.openssh import OpenSshConnection
 from relay.net.pump import REFUSED, PlainProtocol, RawPump, StreamInfo
-from relay.net.sockopts import abort_with_reset, set_keepalive, set_nodelay, transport_socket
-from relay.net.sshhop import SshHop, SshUnavailable
-from relay.net.tlslink import TlsClient, TlsError, TlsVerifyError, connect_tls
-from relay.proto import ProtocolError, mux
+from relay.net.sockopts import abort_with_reset, set_keepalive, transport_socket
+from relay.net.sshhop import Login, SshHop
+from relay.proto import mux
 from relay.proto import socks5 as s5
-from relay.proto.opener import Established
+from relay.worker.dialler import Dialler, ssh_hop
 from relay.worker.exitclient import ExitClient
 from relay.worker.listeners import Listeners, Socks5Connection
 from relay.worker.settings import WorkerSettings
@@ -44,35 +39,26 @@ class RelayWorker(Daemon):
     def __init__(self, settings: WorkerSettings, metrics: Optional[Metrics] = None) -> None:
         super().__init__(metrics)
         self.settings = settings
-        self.ssh: Optional[SshHop] = None
-        if settings.logins:
-            self.ssh = SshHop(
-                settings.logins,
-                settings.ssh_key,
-                settings.known_hosts,
-                self.metrics,
-                keepalive=settings.ssh_keepalive,
-                connect_timeout=settings.connect_timeout,
-                connects_per_minute=settings.ssh_connect_rate,
-                client=settings.ssh_client,
-                ssh_config=settings.ssh_config,
-            )
-        self._set_forwards()
+        self.dialler = Dialler(settings, self.metrics, ssh_hop(settings, self.metrics))
         self._next_exit = 0
         self._stopping = False
-        self._forward: Optional[tuple[Any, Any]] = None
         self.listeners = Listeners(self)
         self.exits: dict[tuple[str, int], ExitClient] = {}
 
+    @property
+    def ssh(self) -> Optional[SshHop]:
+        """The SSH hop every carrier goes through (None without login nodes)."""
+        return self.dialler.ssh
+
     async def start(self) -> None:
         s = self.settings
-        self._set_forwards()
+        self.dialler.set_forwards()
         await self._listen(
             lambda: Socks5Connection(self),
-            s.socks_host,
-            s.socks_port,
-            s.metrics_host,
-            s.metrics_port,
+            s.socks.host,
+            s.socks.port,
+            s.metrics.host if s.metrics is not None else None,
+            s.metrics.port if s.metrics is not None else 0,
         )
         log.info(
             "listening",
@@ -81,22 +67,15 @@ class RelayWorker(Daemon):
                     "socks": format_hostport(*self.address),
                     "auth": "user/password" if s.socks_credentials else "none",
                     "mode": "upstream" if s.upstream else "tunnel",
-                    "logins": ",".join(str(x) for x in s.logins) or "-",
+                    "logins": ",".join(str(Login(*x)) for x in s.login) or "-",
                     "carriers": s.carriers,
                 }
             },
         )
         await self.listeners.start()
         if s.upstream is None:
-            for exit_addr in s.exits:
+            for exit_addr in s.exit:
                 self._add_exit(exit_addr)
-
-    def _set_forwards(self) -> None:
-        """What an ssh process forwards (--ssh-client openssh): read when it starts."""
-        s = self.settings
-        if self.ssh is not None:
-            self.ssh.targets = [] if s.upstream else list(s.exits)
-            self.ssh.tcp_targets = [s.upstream] if s.upstream else []
 
     def _add_exit(self, exit_addr: tuple[str, int]) -> None:
         client = ExitClient(self, exit_addr)
@@ -114,19 +93,16 @@ class RelayWorker(Daemon):
         for client in self.exits.values():
             await client.close()
         await self.listeners.wait_closed()
-        if self.ssh is not None:
-            # A login node that no longer answers must not keep the worker from stopping.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.ssh.close(), 5)
+        await self.dialler.close()
 
     # -- choosing an exit -----------------------------------------------------------------
     async def pick_exit(self) -> ExitClient:
         """A session for a new stream: round robin over exits with a carrier up; if none
         has one yet, the first to get one within --connect-timeout."""
-        for exit_addr in self.settings.exits:
+        for exit_addr in self.settings.exit:
             if exit_addr not in self.exits and not self._stopping:
                 self._add_exit(exit_addr)
-        clients = [self.exits[e] for e in self.settings.exits if e in self.exits]
+        clients = [self.exits[e] for e in self.settings.exit if e in self.exits]
         if not clients:
             raise OpenFailed(s5.GENERAL_FAILURE, "no exit configured")
         start = self._next_exit % len(clients)
@@ -161,116 +137,6 @@ class RelayWorker(Daemon):
         why = "; ".join(f"{format_hostport(*c.exit)}: {c.why or 'no carrier yet'}" for c in rotated)
         raise OpenFailed(s5.GENERAL_FAILURE, f"no exit reachable: {why}")
 
-    async def handshake(self, carrier: Union[SshCarrier, TcpCarrier]) -> Established:
-        try:
-            est = await carrier.established
-        except TunnelRefused as exc:
-            self.metrics.carriers.labels("refused").inc()
-            self.metrics.auth_failures.labels(f"exit-{exc.stage}").inc()
-            raise
-        except (ProtocolError, ConnectionError) as exc:
-            carrier.close()
-            refusal = await carrier.channel_failure()
-            if refusal is not None:
-                self.metrics.carriers.labels("exit-unreachable").inc()
-                raise OpenFailed(s5.GENERAL_FAILURE, refusal) from None
-            self.metrics.carriers.labels("failed").inc()
-            raise OpenFailed(s5.GENERAL_FAILURE, f"tunnel handshake: {exc}") from None
-        self.metrics.carriers.labels("ok").inc()
-        return est
-
-    async def dial(self, exit_addr: tuple[str, int]) -> Union[SshCarrier, TcpCarrier]:
-        """A byte pipe to the exit: a direct-tcpip channel through the login node, or TCP."""
-        exit_host, exit_port = exit_addr
-        carrier: Union[SshCarrier, TcpCarrier]
-        try:
-            if self.settings.exit_tls is not None:
-                carrier = await self._dial_tls(exit_addr, self.settings.exit_tls)
-            elif self.ssh is not None:
-                conn = await self.ssh.connection()
-                if isinstance(conn, OpenSshConnection):
-                    _, tcp = await conn.create_connection(TcpCarrier, exit_host, exit_port)
-                    assert isinstance(tcp, TcpCarrier)
-                    carrier = tcp
-                    carrier.via = conn
-                else:
-                    _, session = await conn.create_connection(SshCarrier, exit_host, exit_port)
-                    assert isinstance(session, SshCarrier)
-                    carrier = session
-            else:
-                loop = asyncio.get_running_loop()
-                transport, carrier = await loop.create_connection(TcpCarrier, exit_host, exit_port)
-                set_keepalive(transport_socket(transport), self.settings.tcp_keepalive)
-                set_nodelay(transport_socket(transport))
-        except SshUnavailable as exc:
-            self.metrics.carriers.labels("ssh-unavailable").inc()
-            raise OpenFailed(s5.GENERAL_FAILURE, f"no login node: {exc}") from exc
-        except asyncssh.ChannelOpenError as exc:
-            self.metrics.carriers.labels("exit-unreachable").inc()
-            raise OpenFailed(
-                s5.GENERAL_FAILURE,
-                f"login node cannot reach exit {exit_host}:{exit_port}: {exc.reason}",
-            ) from None
-        except TlsError as exc:
-            self.metrics.carriers.labels("tls-failed").inc()
-            where = format_hostport(exit_host, exit_port)
-            if isinstance(exc, TlsVerifyError):
-                self.metrics.auth_failures.labels("exit-tls").inc()
-                log.warning(
-                    "exit refused: its TLS certificate is not the one configured",
-                    extra={"fields": {"exit": where, "why": str(exc)}},
-                )
-                why = f"exit {where} refused: {exc} (check --exit-ca / --exit-fingerprint)"
-            else:
-                why = f"TLS with exit {where} failed: {exc} (does the exit have --tls-cert?)"
-            raise OpenFailed(s5.GENERAL_FAILURE, why) from None
-        except (OSError, asyncssh.Error) as exc:
-            self.metrics.carriers.labels("exit-unreachable").inc()
-            raise OpenFailed(
-                s5.GENERAL_FAILURE, f"cannot reach exit {exit_host}:{exit_port}: {exc}"
-            ) from None
-        return carrier
-
-    async def _dial_tls(self, exit_addr: tuple[str, int], tls: TlsClient) -> TcpCarrier:
-        """TLS over the direct-tcpip channel (or TCP), handshake finished and verified."""
-        host, port = exit_addr
-        open_raw: Callable[[Callable[[], Any]], Any]
-        conn: Any = None
-        if self.ssh is not None:
-            conn = await self.ssh.connection()
-
-            def open_raw(factory: Callable[[], Any]) -> Any:
-                return conn.create_connection(factory, host, port)
-
-        else:
-            loop = asyncio.get_running_loop()
-
-            def open_raw(factory: Callable[[], Any]) -> Any:
-                return loop.create_connection(factory, host, port)
-
-        since = time.monotonic()
-        try:
-            link, carrier = await connect_tls(
-                open_raw, TcpCarrier, tls, host, self.settings.connect_timeout
-            )
-        except TlsError as exc:
-            refused = None
-            if isinstance(conn, OpenSshConnection) and not isinstance(exc, TlsVerifyError):
-                refused = await conn.channel_failure(since)
-            if refused is not None:
-                raise ConnectionRefusedError(
-                    f"login node cannot reach exit {format_hostport(host, port)}: {refused}"
-                ) from None
-            raise
-        if self.ssh is None:
-            sock = transport_socket(link.raw)
-            set_keepalive(sock, self.settings.tcp_keepalive)
-            set_nodelay(sock)
-        assert isinstance(carrier, TcpCarrier)
-        if isinstance(conn, OpenSshConnection):
-            carrier.via = conn
-        return carrier
-
     # -- relaying one client stream ------------------------------------------------------
     async def relay(self, client: PlainProtocol, host: str, port: int, reply: ReplyFn) -> None:
         """Open a stream to ``host:port`` for an accepted local client and pump it.
@@ -280,7 +146,8 @@ class RelayWorker(Daemon):
         the stream failed and the client is to be closed.
         """
         started = time.monotonic()
-        info = StreamInfo(os.urandom(4).hex(), format_hostport(host, port), self.settings.key_id)
+        key_id = self.settings.key_id or ""
+        info = StreamInfo(os.urandom(4).hex(), format_hostport(host, port), key_id)
         try:
             if self.settings.upstream is not None:
                 sock = await asyncio.wait_for(
@@ -318,7 +185,7 @@ class RelayWorker(Daemon):
         exit_client = await self.pick_exit()
         if client.closed:
             return
-        optimistic = self.settings.optimistic
+        optimistic = not self.settings.no_optimistic
         pump: Optional[MuxPump] = None
 
         def answered(code: int, bound: bytes) -> None:
@@ -372,9 +239,7 @@ class RelayWorker(Daemon):
         """A socket to ``host:port`` through the plain SOCKS5 upstream (python-socks)."""
         s = self.settings
         assert s.upstream is not None
-        up_host, up_port = s.upstream
-        if self.ssh is not None:
-            up_host, up_port = "127.0.0.1", await self._upstream_forward()
+        up_host, up_port = await self.dialler.upstream_address()
         user, password = s.upstream_credentials or (None, None)
         proxy = Proxy(ProxyType.SOCKS5, up_host, up_port, username=user, password=password)
         try:
@@ -385,21 +250,6 @@ class RelayWorker(Daemon):
             raise OpenFailed(code, f"upstream refused: {exc}") from None
         except (ProxyConnectionError, ProxyTimeoutError, OSError) as exc:
             raise OpenFailed(s5.GENERAL_FAILURE, f"upstream unreachable: {exc}") from None
-
-    async def _upstream_forward(self) -> int:
-        """Loopback port forwarded over the SSH connection to the upstream (like ``ssh -L``)."""
-        assert self.ssh is not None and self.settings.upstream is not None
-        try:
-            conn = await self.ssh.connection()
-        except SshUnavailable as exc:
-            raise OpenFailed(s5.GENERAL_FAILURE, f"no login node: {exc}") from None
-        if isinstance(conn, OpenSshConnection):
-            return conn.local_port(*self.settings.upstream)
-        if self._forward is None or self._forward[0] is not conn:
-            host, port = self.settings.upstream
-            listener = await conn.forward_local_port("127.0.0.1", 0, host, port)
-            self._forward = (conn, listener)
-        return int(self._forward[1].get_port())
 
     # -- relaying one client stream ------------------------------------------------------
 

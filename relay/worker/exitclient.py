@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
-from typing import TYPE_CHECKING, Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional
 
 from relay.errors import OpenFailed
 from relay.net.addresses import format_hostport
-from relay.net.carrier import SshCarrier, TcpCarrier, TunnelRefused, carrier_opener
+from relay.net.backoff import Backoff
+from relay.net.carrier import TunnelRefused
 from relay.net.loopbound import LoopBound
 from relay.net.muxpump import MuxDriver, MuxPump
 from relay.net.pump import RESUME_FAILED, StreamInfo
@@ -18,7 +18,9 @@ from relay.net.sshhop import SshUnavailable
 from relay.proto import ProtocolError
 from relay.proto import hello as hl
 from relay.proto import session as ms
+from relay.proto.errors import RelayError
 from relay.proto.opener import Established
+from relay.worker.dialler import Carrier
 
 if TYPE_CHECKING:
     from relay.worker.daemon import RelayWorker
@@ -29,8 +31,16 @@ DEMAND_RETRY = 1.0
 """Seconds between carrier attempts that waiting clients may ask for (ExitClient.demand)."""
 
 
-class SessionGone(Exception):
-    """The exit no longer has our session (restarted, or parked too long): start anew."""
+class SessionGone(RelayError):
+    """The exit no longer has our session (restarted, or parked too long): start anew.
+
+    ``code`` is the HELLO status that refused the join; ``reason`` the result of the
+    session's streams, which are reset."""
+
+    reason = RESUME_FAILED
+
+    def __init__(self, why: str, status: int) -> None:
+        super().__init__(why, code=status)
 
 
 class ExitClient:
@@ -57,7 +67,7 @@ class ExitClient:
         self.driver: Optional[MuxDriver] = None
         self.session_id = hl.NEW_SESSION
         self.session_key = b""
-        self.carriers: dict[int, Union[SshCarrier, TcpCarrier]] = {}
+        self.carriers: dict[int, Carrier] = {}
         self._next_cid = 1
         self._task: Optional[asyncio.Future[None]] = None
         self.lost_at: Optional[float] = None
@@ -104,7 +114,7 @@ class ExitClient:
     # -- carriers -------------------------------------------------------------------------
     async def _keep_carriers(self) -> None:
         s = self.worker.settings
-        attempt = 0
+        backoff = Backoff(0.25, 2.0, s.reconnect_max, jitter=(0.5, 1.0))
         while True:
             if len(self.carriers) >= s.carriers:
                 await self._wake.wait()
@@ -114,7 +124,7 @@ class ExitClient:
             self.attempting = True
             try:
                 await self._add_carrier()
-                attempt = 0
+                backoff.reset()
                 self.refused = False
                 continue
             except SessionGone as exc:
@@ -158,8 +168,7 @@ class ExitClient:
                 self._session_over(
                     RESUME_FAILED, f"no carrier for {s.resume_timeout:.0f}s: {self.why}"
                 )
-            backoff = min(s.reconnect_max, 0.25 * 2**attempt) * random.uniform(0.5, 1.0)
-            attempt += 1
+            delay = max(backoff.next(), wait)
             if self.lost_at is not None:
                 self.metrics.resumes.labels("retry").inc()
             log.debug(
@@ -168,11 +177,11 @@ class ExitClient:
                     "fields": {
                         "exit": format_hostport(*self.exit),
                         "why": self.why,
-                        "next": round(max(backoff, wait), 2),
+                        "next": round(delay, 2),
                     }
                 },
             )
-            await self._back_off(max(backoff, wait))
+            await self._back_off(delay)
 
     async def _back_off(self, seconds: float) -> None:
         """Wait between attempts; a client asking for a stream (demand()) ends the wait, so a
@@ -207,28 +216,19 @@ class ExitClient:
         return self.driver is None and not self.attempting and self.failed_at > 0
 
     async def _add_carrier(self) -> None:
-        s = self.worker.settings
         joins = self.driver is not None
-        carrier = await asyncio.wait_for(self.worker.dial(self.exit), s.connect_timeout + 5)
-        key = self.session_key if joins else s.secret
-        carrier.start(carrier_opener(key, s.key_id, s.heartbeat, self.session_id))
-        started = time.monotonic()
+        session = (self.session_id, self.session_key) if joins else None
         try:
-            est = await asyncio.wait_for(self.worker.handshake(carrier), s.connect_timeout)
+            carrier, est = await self.worker.dialler.connect(self.exit, session)
         except TunnelRefused as exc:
-            carrier.close()
             if joins and exc.status in (hl.UNKNOWN_SESSION, hl.BAD_AUTH):
                 self.metrics.resumes.labels("refused").inc()
-                raise SessionGone(str(exc)) from None
+                raise SessionGone(str(exc), exc.status) from None
             log.warning(
                 "exit refused a carrier",
                 extra={"fields": {"exit": format_hostport(*self.exit), "why": str(exc)}},
             )
             raise
-        except BaseException:
-            carrier.close()
-            raise
-        self.worker.metrics.carrier_handshake.observe(time.monotonic() - started)
         if self.driver is None:
             self._new_session(est)
         assert self.driver is not None

@@ -328,19 +328,19 @@ class Listeners:
         loop = asyncio.get_running_loop()
         worker = self.worker
         try:
-            if settings.http_host is not None:
+            if settings.http is not None:
                 self.http = await loop.create_server(
                     lambda: HttpConnectConnection(worker),
-                    settings.http_host,
-                    settings.http_port,
+                    settings.http.host,
+                    settings.http.port,
                     backlog=1024,
                 )
                 log.info(
                     "listening",
                     extra={"fields": {"http": format_hostport(*_address(self.http))}},
                 )
-            for forward in settings.forwards:
-                fwd = Forward(*forward)
+            for forward in settings.forward:
+                fwd = Forward(*forward.listen, *forward.dest)
                 server = await loop.create_server(
                     lambda fwd=fwd: ForwardConnection(worker, fwd),  # type: ignore[misc]
                     fwd.listen_host,

@@ -276,7 +276,7 @@ async def broad() -> AsyncIterator[RelayExit]:
     relay_exit = RelayExit(
         exit_settings(
             "0.0.0.0/0:*", "[::]/0:*", ".localhost:*",
-            keys={KEY_ID: SECRET, OTHER_KEY: OTHER_SECRET}, allow_plain=True,
+            secrets={KEY_ID: SECRET, OTHER_KEY: OTHER_SECRET}, allow_plain=True,
         )
     )  # fmt: skip
     await relay_exit.start()
@@ -289,7 +289,7 @@ async def broad() -> AsyncIterator[RelayExit]:
 @pytest.fixture
 async def echo_exit() -> AsyncIterator[tuple[RelayExit, int]]:
     """An exit that allows loopback, and an echo destination there."""
-    relay_exit = RelayExit(exit_settings(keys={KEY_ID: SECRET, OTHER_KEY: OTHER_SECRET}))
+    relay_exit = RelayExit(exit_settings(secrets={KEY_ID: SECRET, OTHER_KEY: OTHER_SECRET}))
     await relay_exit.start()
     servers = Servers()
     port = await servers.start(echo_handler)

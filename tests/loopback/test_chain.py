@@ -12,6 +12,7 @@ import pytest
 from python_socks import ProxyError
 from python_socks.async_.asyncio import Proxy
 
+from relay.config.values import HostPort
 from relay.exit.daemon import RelayExit
 from relay.net.muxpump import MuxPump
 from relay.proto import hello as hl
@@ -173,7 +174,7 @@ async def test_bind_and_udp_are_not_supported(chain: Chain, command: int):
 
 async def test_worker_with_wrong_secret_is_refused_by_the_exit(chain: Chain):
     wrong = RelayWorker(
-        worker_settings(chain.sshd, chain.exit.address, secret=b"x" * 32, optimistic=False)
+        worker_settings(chain.sshd, chain.exit.address, secret=b"x" * 32, no_optimistic=True)
     )
     await wrong.start()
     try:
@@ -189,7 +190,7 @@ async def test_worker_with_wrong_secret_is_refused_by_the_exit(chain: Chain):
 
 async def test_unknown_key_id_is_refused(chain: Chain):
     wrong = RelayWorker(
-        worker_settings(chain.sshd, chain.exit.address, key_id="nobody", optimistic=False)
+        worker_settings(chain.sshd, chain.exit.address, key_id="nobody", no_optimistic=True)
     )
     await wrong.start()
     try:
@@ -256,7 +257,7 @@ async def test_denied_destinations_get_not_allowed(chain: Chain, host: str, reas
     """Under a broad allow rule, default-denied ranges stay denied, also behind a name."""
     strict = RelayExit(exit_settings("0.0.0.0/0:*", "[::]/0:*", ".localhost:*"))
     await strict.start()
-    worker = RelayWorker(worker_settings(chain.sshd, strict.address, optimistic=False))
+    worker = RelayWorker(worker_settings(chain.sshd, strict.address, no_optimistic=True))
     await worker.start()
     try:
         proxy = Proxy.from_url(f"socks5://{USER}:{PASSWORD}@127.0.0.1:{worker.address[1]}")
@@ -273,7 +274,7 @@ async def test_denied_destinations_get_not_allowed(chain: Chain, host: str, reas
 async def test_port_outside_the_rule_is_denied(chain: Chain):
     narrow = RelayExit(exit_settings(f"127.0.0.1:{chain.http_port}"))
     await narrow.start()
-    worker = RelayWorker(worker_settings(chain.sshd, narrow.address, optimistic=False))
+    worker = RelayWorker(worker_settings(chain.sshd, narrow.address, no_optimistic=True))
     await worker.start()
     try:
         proxy = Proxy.from_url(f"socks5://{USER}:{PASSWORD}@127.0.0.1:{worker.address[1]}")
@@ -289,7 +290,7 @@ async def test_port_outside_the_rule_is_denied(chain: Chain):
 
 
 async def test_exit_unreachable_from_login_node_is_a_general_failure(chain: Chain):
-    worker = RelayWorker(worker_settings(chain.sshd, ("127.0.0.1", 1), optimistic=False))
+    worker = RelayWorker(worker_settings(chain.sshd, ("127.0.0.1", 1), no_optimistic=True))
     await worker.start()
     try:
         proxy = Proxy.from_url(f"socks5://{USER}:{PASSWORD}@127.0.0.1:{worker.address[1]}")
@@ -302,7 +303,7 @@ async def test_exit_unreachable_from_login_node_is_a_general_failure(chain: Chai
 
 
 async def test_metrics_endpoints_serve_prometheus_text(chain: Chain):
-    relay_exit = RelayExit(exit_settings(metrics_host="127.0.0.1", metrics_port=0))
+    relay_exit = RelayExit(exit_settings(metrics=HostPort("127.0.0.1", 0)))
     await relay_exit.start()
     try:
         host, port = relay_exit.metrics_address or ("", 0)
@@ -461,7 +462,7 @@ async def test_optimistic_bytes_sent_to_a_failing_exit_reach_the_next_one_once(c
     dropper = _SilentExit(close_after_first_read=True)
     first_exit = await dropper.start()
     worker = RelayWorker(worker_settings(chain.sshd, first_exit))
-    worker.settings.exits.append(chain.exit.address)
+    worker.settings.exit += (HostPort(*chain.exit.address),)
     await worker.start()
     try:
         proxy = Proxy.from_url(f"socks5://{USER}:{PASSWORD}@127.0.0.1:{worker.address[1]}")

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 import relay.exit.connection
+from relay.config.values import HostPort, LoginTarget
 from relay.exit.daemon import RelayExit
 from relay.exit.sessions import ExitMux
-from relay.net.sshhop import Login
 from relay.net.tlslink import TlsClient, client_context, server_context
 from relay.tools.check import FAIL, OK, SKIP, WARN, Hop, check_chain
 from relay.worker.daemon import RelayWorker
@@ -402,9 +402,9 @@ async def test_clock_skew_beyond_the_limit_fails(env: Env, monkeypatch: pytest.M
 
 async def test_every_login_node_is_checked(env: Env) -> None:
     """A dead first login node fails its hop; the second one still carries the rest."""
-    dead = Login(env.sshd.user, "127.0.0.1", 1)
+    dead = LoginTarget(env.sshd.user, "127.0.0.1", 1)
     settings = worker_settings(env.sshd, ("127.0.0.1", env.exit_port))
-    settings.logins.insert(0, dead)
+    settings.login = (dead, *settings.login)
     hops = await check_chain(settings, [("127.0.0.1", env.echo_port)])
     assert [(h.name, h.status) for h in hops] == [
         ("ssh", FAIL), ("tcp", SKIP),
@@ -519,7 +519,7 @@ async def test_exit_unreachable_names_sshs_reason(env: Env) -> None:
 async def test_no_ssh_program(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     settings = worker_settings(None, ("127.0.0.1", 1), ssh_client="openssh")
-    settings.logins = [Login(None, "127.0.0.1", 1)]
+    settings.login = (LoginTarget(None, "127.0.0.1", 1),)
     hops = await check_chain(settings)
     assert [(h.name, h.status) for h in hops] == [("ssh", FAIL), ("tcp", SKIP)]
     assert hops[0].cause.startswith("no ssh on PATH")
@@ -530,7 +530,7 @@ async def test_no_ssh_program(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 async def test_upstream_through_the_ssh_forward(env: Env, reachable: bool) -> None:
     """--upstream: ssh's loopback forward accepts before the login node connects; the check
     sees whether anything answers at the far end (the echo server answers anything)."""
-    upstream = ("127.0.0.1", env.echo_port if reachable else closed_port())
+    upstream = HostPort("127.0.0.1", env.echo_port if reachable else closed_port())
     hops = await check_chain(in_process(env, "openssh", upstream, upstream=upstream))
     assert [(h.name, h.status) for h in hops] == [("ssh", OK), ("tcp", OK if reachable else FAIL)]
     if not reachable:

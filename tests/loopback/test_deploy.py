@@ -19,15 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import (
-    EXIT_OPTIONS,
-    WORKER_OPTIONS,
-    Option,
-    load_exit_config,
-    load_worker_config,
-)
+from relay.config.loading import load_exit_config, load_worker_config
+from relay.config.schema import EXIT_OPTIONS, WORKER_OPTIONS, Option
+from relay.config.values import HostPort, LoginTarget
 from relay.exit.daemon import RelayExit
-from relay.net.sshhop import Login
 from relay.tools.check import OK, check_chain
 from relay.worker.settings import WorkerSettings
 from tests.support.helpers import Servers, echo_handler, exit_settings
@@ -254,24 +249,25 @@ async def test_make_keys_output_opens_the_chain(sshd: Sshd, tmp_path: Path) -> N
     (sshd.workdir / "authorized_keys").write_text(authorized + "\n")
     keys = private(tmp_path / "exit.keys", key_line + "\n")
     exit_cfg = load_exit_config(["--keys", str(keys), "--allow", "127.0.0.1/32:*"])
-    settings = exit_settings(listen_port=exit_port, keys={"site-1": key_line.split()[1].encode()})
+    settings = exit_settings(listen=HostPort("127.0.0.1", exit_port), keys=keys)
+    assert settings.secrets == {"site-1": key_line.split()[1].encode()}
     relay_exit = RelayExit(settings)
     await relay_exit.start()
     try:
-        assert exit_cfg.keys == keys
+        assert exit_cfg["keys"] == keys
         worker = WorkerSettings(
-            logins=[Login(sshd.user, sshd.host, sshd.port)],
+            login=(LoginTarget(sshd.user, sshd.host, sshd.port),),
             ssh_key=keys_dir / "relay_ed25519",
             known_hosts=sshd.known_hosts,
-            exits=[("127.0.0.1", exit_port)],
+            exit=(HostPort("127.0.0.1", exit_port),),
             key_id="site-1",
-            secret=(keys_dir / "site-1.secret").read_bytes().strip(),
+            secret_file=keys_dir / "site-1.secret",
             connect_timeout=5.0,
         )
         hops = await check_chain(worker, [("127.0.0.1", echo_port)])
         assert [h.status for h in hops] == [OK] * 5, hops
         # a different exit port is not in permitopen: the login node refuses to forward
-        worker.exits = [("127.0.0.1", exit_port + 1)]
+        worker.exit = (HostPort("127.0.0.1", exit_port + 1),)
         hops = await check_chain(worker, [("127.0.0.1", echo_port)])
         tcp = next(h for h in hops if h.name == "tcp")
         assert "forbids forwarding" in tcp.cause
@@ -286,10 +282,10 @@ async def test_make_keys_output_opens_the_chain(sshd: Sshd, tmp_path: Path) -> N
 def test_example_exit_toml_loads(tmp_path: Path) -> None:
     keys = private(tmp_path / "exit.keys", "site-1 0123456789abcdef0123456789abcdef\n")
     cfg = load_exit_config(["--config", str(DEPLOY / "systemd" / "exit.toml"), "--keys", str(keys)])
-    assert cfg.listen.port == 80 and len(cfg.allow) == 4
-    assert cfg.metrics is not None and cfg.log_format == "json"
-    assert (cfg.max_carriers, cfg.max_carriers_per_key) == (2000, 1000)
-    assert (cfg.max_streams, cfg.max_streams_per_key) == (50000, 20000)
+    assert cfg["listen"].port == 80 and len(cfg["allow"]) == 4
+    assert cfg["metrics"] is not None and cfg["log_format"] == "json"
+    assert (cfg["max_carriers"], cfg["max_carriers_per_key"]) == (2000, 1000)
+    assert (cfg["max_streams"], cfg["max_streams_per_key"]) == (50000, 20000)
     unit = UNIT.read_text()
     assert "--config /etc/hpc-relay/exit.toml" in unit
 
@@ -305,9 +301,9 @@ def test_example_worker_toml_loads(tmp_path: Path) -> None:
     for flag, path in files.items():
         args += [flag, str(path)]
     cfg = load_worker_config(args)
-    assert len(cfg.login) == 2 and cfg.exit[0].port == 80 and cfg.key_id == "jureca-1"
-    assert cfg.socks.port == 0
-    assert cfg.carriers == 2
+    assert len(cfg["login"]) == 2 and cfg["exit"][0].port == 80 and cfg["key_id"] == "jureca-1"
+    assert cfg["socks"].port == 0
+    assert cfg["carriers"] == 2
 
 
 @pytest.mark.parametrize(

@@ -131,7 +131,7 @@ class ExitThread:
             exit_settings(
                 "127.0.0.1/32:*",
                 "[::1]/128:*",
-                keys={KEY_ID: SECRET, OTHER_KEY: OTHER_SECRET, CANARY_KEY: CANARY_SECRET},
+                secrets={KEY_ID: SECRET, OTHER_KEY: OTHER_SECRET, CANARY_KEY: CANARY_SECRET},
                 allow_plain=True,
                 handshake_timeout=1.0,
                 connect_timeout=1.0,

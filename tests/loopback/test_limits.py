@@ -155,11 +155,11 @@ async def test_stream_flood_from_one_key_is_refused_clearly_others_unaffected(
 ) -> None:
     caplog.set_level(logging.INFO, logger="relay")
     relay_exit = RelayExit(
-        exit_settings(keys={KEY_ID: SECRET, OTHER_KEY: OTHER_SECRET}, max_streams_per_key=5)
+        exit_settings(secrets={KEY_ID: SECRET, OTHER_KEY: OTHER_SECRET}, max_streams_per_key=5)
     )
     await relay_exit.start()
     # refusals as SOCKS5 replies (the exit's REPLY code), not resets
-    flooder = RelayWorker(worker_settings(None, relay_exit.address, optimistic=False))
+    flooder = RelayWorker(worker_settings(None, relay_exit.address, no_optimistic=True))
     other = RelayWorker(
         worker_settings(None, relay_exit.address, key_id=OTHER_KEY, secret=OTHER_SECRET)
     )
@@ -214,7 +214,9 @@ async def test_stream_flood_from_one_key_is_refused_clearly_others_unaffected(
 async def test_carrier_limits_refuse_a_hello_with_busy_and_nothing_else() -> None:
     relay_exit = RelayExit(
         exit_settings(
-            keys={KEY_ID: SECRET, OTHER_KEY: OTHER_SECRET}, max_carriers=3, max_carriers_per_key=2
+            secrets={KEY_ID: SECRET, OTHER_KEY: OTHER_SECRET},
+            max_carriers=3,
+            max_carriers_per_key=2,
         )
     )
     await relay_exit.start()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import load_worker_config
+from relay.config.loading import load_worker_config
+from relay.config.values import ForwardTarget, HostPort
 from relay.errors import ConfigError
 from relay.exit.daemon import RelayExit
 from relay.proto import socks5 as s5
@@ -68,9 +69,11 @@ async def listening(sshd: Sshd) -> AsyncIterator[Listening]:
     settings: WorkerSettings = worker_settings(
         sshd,
         relay_exit.address,
-        http_host="127.0.0.1",
-        http_port=0,
-        forwards=[("127.0.0.1", 0, "127.0.0.1", echo_port), ("127.0.0.1", 0, "127.0.0.1", closed)],
+        http=HostPort("127.0.0.1", 0),
+        forward=(
+            ForwardTarget(HostPort("127.0.0.1", 0), HostPort("127.0.0.1", echo_port)),
+            ForwardTarget(HostPort("127.0.0.1", 0), HostPort("127.0.0.1", closed)),
+        ),
     )
     worker = RelayWorker(settings)
     await worker.start()
@@ -190,7 +193,7 @@ async def test_bad_requests(listening: Listening, request_bytes: bytes, status: 
 
 
 async def test_failed_connects_map_to_http_statuses(listening: Listening):
-    listening.worker.settings.optimistic = False  # refusals as statuses, not resets
+    listening.worker.settings.no_optimistic = True  # refusals as statuses, not resets
     auth = f"Proxy-Authorization: {_basic(USER, PASSWORD)}\r\n\r\n"
     # the exit's policy allows loopback only: 403
     answer = await _raw(listening.proxy_port, ("CONNECT 192.0.2.1:80 HTTP/1.1\r\n" + auth).encode())
@@ -248,8 +251,10 @@ async def test_stop_closes_the_extra_listeners(sshd: Sshd):
     relay_exit = RelayExit(exit_settings())
     await relay_exit.start()
     worker = RelayWorker(
-        worker_settings(sshd, relay_exit.address, http_host="127.0.0.1",
-                        forwards=[("127.0.0.1", 0, "127.0.0.1", 9)])
+        worker_settings(
+            sshd, relay_exit.address, http=HostPort("127.0.0.1", 0),
+            forward=(ForwardTarget(HostPort("127.0.0.1", 0), HostPort("127.0.0.1", 9)),),
+        )
     )  # fmt: skip
     await worker.start()
     ports = [worker.listeners.http_address[1]] + [a[1] for a in worker.listeners.forward_addresses]  # type: ignore[index]
@@ -269,14 +274,14 @@ def test_config_http_and_forward(tmp_path: Path) -> None:
         [*base, "--http", "127.0.0.1:0", "--forward", "127.0.0.1:9618=collector.example.org:9618",
          "--forward", "[::1]:8443=[2001:db8::1]:443"]
     )  # fmt: skip
-    assert cfg.http == ("127.0.0.1", 0)
-    assert [str(f) for f in cfg.forward] == [
+    assert cfg["http"] == ("127.0.0.1", 0)
+    assert [str(f) for f in cfg["forward"]] == [
         "127.0.0.1:9618=collector.example.org:9618",
         "[::1]:8443=[2001:db8::1]:443",
     ]
-    settings = WorkerSettings.from_config(cfg)
-    assert settings.forwards[0] == ("127.0.0.1", 9618, "collector.example.org", 9618)
-    assert (settings.http_host, settings.http_port) == ("127.0.0.1", 0)
+    settings = WorkerSettings.from_values(cfg)
+    assert settings.forward[0] == (("127.0.0.1", 9618), ("collector.example.org", 9618))
+    assert settings.http == ("127.0.0.1", 0)
     config = tmp_path / "worker.toml"
     config.write_text('[worker]\nforward = ["0.0.0.0:9618=collector.example.org:9618"]\n')
     with pytest.raises(ConfigError) as info:

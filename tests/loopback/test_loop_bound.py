@@ -26,12 +26,12 @@ import asyncssh
 import pytest
 
 from glidein_wrapper.supervisor import Signals
+from relay.config.values import HostPort, LoginTarget, parse_rule
 from relay.exit.daemon import RelayExit
-from relay.exit.policy import Policy
 from relay.exit.settings import ExitSettings
 from relay.exit.supervisor import Supervisor
 from relay.net.loopbound import LoopBound
-from relay.net.sshhop import Login, SshUnavailable
+from relay.net.sshhop import SshUnavailable
 from relay.worker.daemon import RelayWorker
 from relay.worker.settings import WorkerSettings
 
@@ -249,26 +249,29 @@ def test_daemon_objects_built_before_the_loop_work_inside_it(
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text("")
     closed = _free_port()  # nothing listens: every SSH attempt fails at once
+    keys, secret = tmp_path / "exit.keys", tmp_path / "secret"
+    keys.write_text("worker-1 " + "0" * 32 + "\n")
+    secret.write_text("0" * 32)
+    keys.chmod(0o600)
+    secret.chmod(0o600)
 
     # Built as the commands build them: before any loop runs.
     relay_exit = RelayExit(
         ExitSettings(
-            listen_host="127.0.0.1",
-            listen_port=0,
-            keys={"worker-1": b"0" * 32},
-            policy=Policy.from_strings(["192.0.2.0/24:80"]),
+            listen=HostPort("127.0.0.1", 0),
+            keys=keys,
+            allow=(parse_rule("192.0.2.0/24:80"),),
         )
     )
     worker = RelayWorker(
         WorkerSettings(
-            socks_host="127.0.0.1",
-            socks_port=0,
-            logins=[Login("relay", "127.0.0.1", closed)],
+            socks=HostPort("127.0.0.1", 0),
+            login=(LoginTarget("relay", "127.0.0.1", closed),),
             ssh_key=key,
             known_hosts=known_hosts,
-            exits=[("127.0.0.1", closed)],
+            exit=(HostPort("127.0.0.1", closed),),
             key_id="worker-1",
-            secret=b"0" * 32,
+            secret_file=secret,
             connect_timeout=2,
             carriers=2,
         )

@@ -17,11 +17,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from python_socks.async_.asyncio import Proxy
 
+from relay.config.values import HostPort
 from relay.exit.daemon import RelayExit
 from relay.exit.supervisor import Supervisor
 from relay.worker.daemon import RelayWorker
-from relay.worker.settings import WorkerSettings
-from tests.support.helpers import KEY_ID, SECRET, Servers, echo_handler, exit_settings, wait_for
+from tests.support.helpers import Servers, echo_handler, exit_settings, wait_for, worker_settings
 from tests.support.yamlfile import load_yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,16 +106,11 @@ def test_metric_names_extracts_selectors_only() -> None:
 @pytest.fixture
 async def exported() -> AsyncIterator[set[str]]:
     """Sample names that a running exit and a running worker expose on /metrics."""
-    relay_exit = RelayExit(exit_settings(metrics_host="127.0.0.1", metrics_port=0))
+    relay_exit = RelayExit(exit_settings(metrics=HostPort("127.0.0.1", 0)))
     await relay_exit.start()
     worker = RelayWorker(
-        WorkerSettings(
-            socks_port=0,
-            exits=[relay_exit.address],
-            key_id=KEY_ID,
-            secret=SECRET,
-            metrics_host="127.0.0.1",
-            metrics_port=0,
+        worker_settings(
+            None, relay_exit.address, no_socks_auth=True, metrics=HostPort("127.0.0.1", 0)
         )
     )
     await worker.start()
@@ -288,19 +283,17 @@ async def test_carrier_metrics_count_workers_not_streams() -> None:
         await done.wait()  # never reads: the stream's window fills up
 
     sink_port = await servers.start(sink)
-    relay_exit = RelayExit(exit_settings(metrics_host="127.0.0.1", metrics_port=0))
+    relay_exit = RelayExit(exit_settings(metrics=HostPort("127.0.0.1", 0)))
     await relay_exit.start()
     worker = RelayWorker(
-        WorkerSettings(
-            socks_port=0,
-            exits=[relay_exit.address],
-            key_id=KEY_ID,
-            secret=SECRET,
+        worker_settings(
+            None,
+            relay_exit.address,
+            no_socks_auth=True,
             heartbeat=1.0,
             carriers=2,
             replay_buffer=64 * 1024,
-            metrics_host="127.0.0.1",
-            metrics_port=0,
+            metrics=HostPort("127.0.0.1", 0),
         )
     )
     await worker.start()

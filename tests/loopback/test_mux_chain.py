@@ -10,6 +10,7 @@ import os
 import pytest
 from python_socks.async_.asyncio import Proxy
 
+from relay.config.values import HostPort
 from relay.exit.daemon import RelayExit
 from relay.worker.daemon import RelayWorker
 from tests.support.helpers import (
@@ -84,7 +85,7 @@ async def test_draining_exit_finishes_its_streams_and_new_ones_go_elsewhere() ->
         writer.write(b"before\n")
         assert await reader.readline() == b"before\n"
         first_address = first.address
-        worker.settings.exits.append(second.address)
+        worker.settings.exit += (HostPort(*second.address),)
         drain = asyncio.ensure_future(first.drain(30))
         assert await wait_for(lambda: not worker.exits[first_address].usable)
         for _ in range(3):  # new streams: on the other exit

@@ -136,7 +136,7 @@ async def test_exit_unreachable_from_the_login_node_says_so(sshd: Sshd) -> None:
     servers = Servers()
     port = await servers.start(echo_handler)
     worker = RelayWorker(
-        worker_settings(sshd, ("127.0.0.1", 1), ssh_client="openssh", optimistic=False)
+        worker_settings(sshd, ("127.0.0.1", 1), ssh_client="openssh", no_optimistic=True)
     )
     await worker.start()
     try:
@@ -259,17 +259,30 @@ def test_a_carrier_closed_before_its_first_byte_fails_its_handshake(loop_kind: s
 
     import uvloop
 
+    from relay.errors import DialFailed
     from relay.net.carrier import TcpCarrier, carrier_opener
+    from relay.worker.dialler import Dialler
 
-    async def scenario() -> None:
+    async def closed_carrier() -> TcpCarrier:
         ours, theirs = socket.socketpair()
         theirs.close()  # the far end is gone at once
         loop = asyncio.get_running_loop()
         _, carrier = await loop.create_unix_connection(TcpCarrier, sock=ours)
         await asyncio.sleep(0.05)  # connection_lost has run
+        return carrier
+
+    async def scenario() -> None:
+        carrier = await closed_carrier()
         carrier.start(carrier_opener(b"k" * 32, "worker-1", 25.0))
         with pytest.raises(ConnectionError):
             await asyncio.wait_for(carrier.established, 5)
+        # The keeper's way: the dialler's HELLO fails, counted, and says why.
+        metrics = Metrics("worker")
+        dialler = Dialler(worker_settings(None, ("127.0.0.1", 9)), metrics, None)
+        with pytest.raises(DialFailed, match="tunnel handshake: carrier closed") as failed:
+            await dialler.hello(await closed_carrier(), timeout=5)
+        assert isinstance(failed.value.__cause__, ConnectionError)
+        assert metric(metrics, "relay_carriers_total", result="failed") == 1
 
     loop = uvloop.new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
     try:

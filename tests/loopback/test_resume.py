@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from relay.config.values import HostPort, LoginTarget
 from relay.exit.daemon import RelayExit
 from relay.proto import hello as hl
 from relay.worker.daemon import RelayWorker
@@ -214,7 +215,7 @@ async def test_exit_restart_resets_affected_connections_and_new_ones_work() -> N
         await asyncio.sleep(0.3)
         address = rig.exit.address
         await rig.exit.stop()  # the parked session is gone with the process
-        fresh = RelayExit(exit_settings(heartbeat=0.5, listen_port=address[1]))
+        fresh = RelayExit(exit_settings(heartbeat=0.5, listen=HostPort("127.0.0.1", address[1])))
         await fresh.start()
         rig.exit = fresh
         rig.cutter.refusing = False
@@ -278,7 +279,7 @@ async def test_resume_with_wrong_key_or_replayed_is_refused(rig: Rig) -> None:
     assert await _resume_answer(rig.exit.address, wrong) == hl.BAD_AUTH
     # Somebody who knows the secret of the key but not the session key gets no further.
     secret_signed = hl.encode_hello(
-        exit_settings().keys[KEY_ID], KEY_ID, now, os.urandom(16), session.session_id, 0
+        exit_settings().secrets[KEY_ID], KEY_ID, now, os.urandom(16), session.session_id, 0
     )
     assert await _resume_answer(rig.exit.address, secret_signed) == hl.BAD_AUTH
     assert metric(rig.exit.metrics, "relay_resumes_total", result="bad-auth") == 2
@@ -295,7 +296,7 @@ async def test_two_exits_losing_one_leaves_the_other_untouched() -> None:
     rig = await make_rig()
     second = RelayExit(exit_settings(heartbeat=0.5))
     await second.start()
-    rig.worker.settings.exits.append(second.address)
+    rig.worker.settings.exit += (HostPort(*second.address),)
     try:
         port = await rig.servers.start(echo_handler)
         streams = [await rig.open(port) for _ in range(4)]
@@ -335,12 +336,10 @@ async def test_login_node_failover_resumes_streams(tmp_path) -> None:
     relay_exit = RelayExit(exit_settings(heartbeat=0.5))
     await relay_exit.start()
     servers = Servers()
-    from relay.net.sshhop import Login
-
     worker = RelayWorker(worker_settings(
         first, relay_exit.address, known_hosts=known, heartbeat=0.5, reconnect_max=0.5,
-        logins=[Login(first.user, first.host, first.port),
-                Login(second.user, second.host, second.port)],
+        login=(LoginTarget(first.user, first.host, first.port),
+               LoginTarget(second.user, second.host, second.port)),
     ))  # fmt: skip
     await worker.start()
     try:

@@ -22,7 +22,8 @@ import pytest
 from python_socks import ProxyError
 from python_socks.async_.asyncio import Proxy
 
-from relay.config import load_exit_config, load_worker_config
+from relay.config.loading import load_exit_config, load_worker_config
+from relay.config.values import parse_fingerprint
 from relay.errors import ConfigError
 from relay.exit.daemon import RelayExit
 from relay.net.tlslink import (
@@ -30,7 +31,6 @@ from relay.net.tlslink import (
     TlsLink,
     client_context,
     fingerprint,
-    parse_fingerprint,
     server_context,
 )
 from relay.proto import hello as hl
@@ -217,7 +217,7 @@ async def test_reload_swaps_the_certificate_for_new_connections(pki: Pki, login:
     worker = RelayWorker(
         worker_settings(
             login, relay_exit.address, exit_tls=with_pin(pki.self_signed.sha256),
-            optimistic=False,
+            no_optimistic=True,
         )
     )  # fmt: skip
     await worker.start()
@@ -226,7 +226,8 @@ async def test_reload_swaps_the_certificate_for_new_connections(pki: Pki, login:
             await echo_once(worker, port)
         settings = relay_exit.settings
         fresh = server_context(pki.self_signed.cert, pki.self_signed.key)
-        relay_exit.reload(settings.keys, settings.policy, fresh, fingerprint(pki.self_signed.der))
+        fresh_fingerprint = fingerprint(pki.self_signed.der)
+        relay_exit.reload(settings.secrets, settings.policy, fresh, fresh_fingerprint)
         # the worker's last attempt failed: the next stream that asks (at most one a second)
         # makes it try again, and that one gets through
         assert await echoes_soon(worker, port)
@@ -265,7 +266,7 @@ async def test_worker_refuses_an_exit_with_the_wrong_certificate(
         "wrong-ca": with_ca(pki, pki.other_ca.cert),
         "wrong-name": with_ca(pki, name="other.test"),
     }[how]
-    rig = await make_rig(pki, login, tls, optimistic=False)  # refusals as SOCKS5 replies
+    rig = await make_rig(pki, login, tls, no_optimistic=True)  # refusals as SOCKS5 replies
     caplog.set_level(logging.INFO, logger="relay")
     try:
         port = await rig.servers.start(echo_handler)
@@ -317,7 +318,7 @@ async def test_plain_client_on_the_tls_port_gets_a_clean_failure_and_is_counted(
 
 async def test_tls_and_plain_mismatch_both_ways_fail_clearly(pki: Pki, login: Sshd) -> None:
     # a worker without TLS configured, against a TLS exit
-    plain_worker = await make_rig(pki, login, None, optimistic=False)
+    plain_worker = await make_rig(pki, login, None, no_optimistic=True)
     try:
         port = await plain_worker.servers.start(echo_handler)
         with pytest.raises(ProxyError):
@@ -327,7 +328,7 @@ async def test_tls_and_plain_mismatch_both_ways_fail_clearly(pki: Pki, login: Ss
     finally:
         await plain_worker.close()
     # a TLS worker against a plain exit
-    tls_worker = await make_rig(pki, login, with_ca(pki), exit_tls=False, optimistic=False)
+    tls_worker = await make_rig(pki, login, with_ca(pki), exit_tls=False, no_optimistic=True)
     try:
         port = await tls_worker.servers.start(echo_handler)
         with pytest.raises(ProxyError):
@@ -484,7 +485,7 @@ def test_exit_tls_options_are_checked_at_start(pki: Pki, tmp_path: Path) -> None
         assert message in result.stderr, (extra, result.stderr)
         assert "PRIVATE KEY" not in result.stderr
     cfg = load_exit_config(["--keys", str(keys), "--tls-cert", cert, "--tls-key", key])
-    assert (cfg.tls_cert, cfg.tls_key) == (pki.server.cert, pki.server.key)
+    assert (cfg["tls_cert"], cfg["tls_key"]) == (pki.server.cert, pki.server.key)
 
 
 def test_worker_tls_options(pki: Pki, tmp_path: Path) -> None:
@@ -496,9 +497,9 @@ def test_worker_tls_options(pki: Pki, tmp_path: Path) -> None:
     digest = pki.server.sha256
     cfg = load_worker_config([*base, "--exit-fingerprint", digest.hex(),
                               "--exit-fingerprint", "SHA256:" + "A" * 43])  # fmt: skip
-    assert cfg.exit_fingerprint == (digest, bytes(32)) and cfg.exit_ca is None
+    assert cfg["exit_fingerprint"] == (digest, bytes(32)) and cfg["exit_ca"] is None
     cfg = load_worker_config([*base, "--exit-ca", str(pki.ca.cert), "--exit-server-name", "x.org"])
-    assert cfg.exit_ca == pki.ca.cert and cfg.exit_server_name == "x.org"
+    assert cfg["exit_ca"] == pki.ca.cert and cfg["exit_server_name"] == "x.org"
     for extra, message in [
         (["--exit-fingerprint", "abc"], "--exit-fingerprint: expected a SHA-256"),
         (["--exit-server-name", "x.org"], "missing --exit-ca"),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.config.values import HostPort
 from relay.worker.daemon import RelayWorker
 from tests.loopback.test_cli import free_port
 from tests.support.helpers import PASSWORD, USER, Servers, http_handler, sha256, worker_settings
@@ -66,9 +67,9 @@ async def test_curl_through_dante_upstream(sshd: Sshd, dante: int, tmp_path: Pat
     payload = os.urandom(5 * 1024 * 1024)
     servers = Servers()
     http_port = await servers.start(http_handler(payload))
-    overrides = {"upstream": ("127.0.0.1", dante), "exits": []}
+    overrides = {"upstream": HostPort("127.0.0.1", dante), "exit": ()}
     if not through_ssh:
-        overrides["logins"] = []
+        overrides["login"] = ()
     worker = RelayWorker(worker_settings(sshd, ("127.0.0.1", 1), **overrides))
     await worker.start()
     out = tmp_path / "payload"

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from glidein_wrapper.ready import InProcessCheck, NotReady, wait_ready
-from relay.config import HostPort
+from relay.config.values import HostPort
 from relay.exit.daemon import RelayExit
 from relay.exit.sessions import ExitMux
 from relay.worker.daemon import RelayWorker
@@ -30,7 +30,7 @@ from tests.support.wrapper import read_report, standin, wrapper_argv, write_work
 
 @pytest.fixture
 async def relay_exit() -> AsyncIterator[RelayExit]:
-    ex = RelayExit(exit_settings(keys={KEY_ID: SECRET.encode()}))
+    ex = RelayExit(exit_settings(secrets={KEY_ID: SECRET.encode()}))
     await ex.start()
     try:
         yield ex

@@ -16,11 +16,10 @@ from typing import Any, Optional
 
 import pytest
 
+from relay.config.values import HostPort, LoginTarget, parse_rule
 from relay.exit.daemon import RelayExit
-from relay.exit.policy import Policy
 from relay.exit.settings import ExitSettings
 from relay.metrics import Metrics
-from relay.net.sshhop import Login
 from relay.worker.daemon import RelayWorker
 from relay.worker.settings import WorkerSettings
 from tests.support.sshd import Sshd
@@ -162,38 +161,56 @@ class Chain:
         return await asyncio.open_connection(sock=sock)
 
 
+WORKER_DERIVED = ("secret", "socks_credentials", "upstream_credentials", "exit_tls")
+EXIT_DERIVED = ("secrets", "policy", "tls", "tls_fingerprint")
+"""What the settings derive from files (secrets, TLS): tests may hand them over in memory."""
+
+
+def _settings(cls: Any, derived: tuple[str, ...], options: dict[str, Any]) -> Any:
+    """``cls`` from its options, then the derived values given in ``options`` set on it,
+    as a reload sets them on a running exit."""
+    given = {name: options.pop(name) for name in derived if name in options}
+    settings = cls(**options)
+    for name, value in given.items():
+        setattr(settings, name, value)
+    return settings
+
+
 def worker_settings(
     sshd: Optional[Sshd], exit_address: tuple[str, int], **overrides: Any
 ) -> WorkerSettings:
     """Settings for a worker through ``sshd`` (None: carriers go straight to the exit)."""
     options: dict[str, Any] = {
-        "socks_host": "127.0.0.1",
-        "socks_port": 0,
-        "socks_credentials": (USER, PASSWORD),
-        "logins": [Login(sshd.user, sshd.host, sshd.port)] if sshd else [],
+        "socks": HostPort("127.0.0.1", 0),
+        "login": (LoginTarget(sshd.user, sshd.host, sshd.port),) if sshd else (),
         "ssh_key": sshd.client_key if sshd else None,
         "known_hosts": sshd.known_hosts if sshd else None,
-        "exits": [exit_address],
+        "exit": (HostPort(*exit_address),),
         "key_id": KEY_ID,
-        "secret": SECRET,
         "heartbeat": 1.0,
         "connect_timeout": 10.0,
     }
+    if "secret_file" not in overrides:
+        options["secret"] = SECRET
+    if "socks_auth" not in overrides and "no_socks_auth" not in overrides:
+        options["socks_credentials"] = (USER, PASSWORD)
     options.update(overrides)
-    return WorkerSettings(**options)
+    settings: WorkerSettings = _settings(WorkerSettings, WORKER_DERIVED, options)
+    return settings
 
 
 def exit_settings(*rules: str, **overrides: Any) -> ExitSettings:
     options: dict[str, Any] = {
-        "listen_host": "127.0.0.1",
-        "listen_port": 0,
-        "keys": {KEY_ID: SECRET},
-        "policy": Policy.from_strings(rules or ("127.0.0.1/32:*", "[::1]/128:*")),
+        "listen": HostPort("127.0.0.1", 0),
+        "allow": tuple(parse_rule(r) for r in rules or ("127.0.0.1/32:*", "[::1]/128:*")),
         "heartbeat": 1.0,
         "tcp_keepalive": 5.0,
     }
+    if "keys" not in overrides:
+        options["secrets"] = {KEY_ID: SECRET}
     options.update(overrides)
-    return ExitSettings(**options)
+    settings: ExitSettings = _settings(ExitSettings, EXIT_DERIVED, options)
+    return settings
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
 """Start relay-exit and relay-worker as real processes (console scripts, TOML configs) inside
-lab namespaces, the way an operator runs them."""
+lab namespaces, the way an operator runs them; and the pieces every launcher of tests and
+bench/ uses: private files, TOML configurations, waiting for a port."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -20,13 +22,15 @@ SECRET = "lab-secret-0123456789abcdef0123456789"
 SOCKS_USER, SOCKS_PASSWORD = "glidein", "lab-local-pass"
 
 
-def _private(path: Path, text: str) -> Path:
+def write_private(path: Path, text: str) -> Path:
+    """Write a file only its owner may read (0600), as the daemons require of secrets."""
     path.write_text(text)
     path.chmod(0o600)
     return path
 
 
 def toml_value(value: Any) -> str:
+    """A Python value as a TOML value: booleans, numbers, strings, and lists of them."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -37,6 +41,7 @@ def toml_value(value: Any) -> str:
 
 
 def write_config(path: Path, table: str, values: dict[str, Any]) -> Path:
+    """A TOML configuration file with one table (``[exit]``, ``[worker]``)."""
     lines = [f"[{table}]"] + [f"{k} = {toml_value(v)}" for k, v in values.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -53,24 +58,38 @@ class Daemon:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def _wait_port(lab: Optional[Lab], ns: Optional[str], port: int, proc: Any, log: Path) -> None:
+def _log_tail(log: Optional[Path]) -> str:
+    if log is None or not log.exists():
+        return ""
+    return "\n--- log ---\n" + log.read_text(errors="replace")[-3000:]
+
+
+def wait_port(
+    port: int,
+    proc: Optional[subprocess.Popen[Any]] = None,
+    log: Optional[Path] = None,
+    *,
+    timeout: float = 15.0,
+    lab: Optional[Lab] = None,
+    ns: Optional[str] = None,
+) -> None:
+    """Wait until something listens on TCP ``port``: inside namespace ``ns`` of ``lab``, or
+    else on 127.0.0.1. Fails at once when ``proc`` exits, either way with the end of ``log``."""
     if lab is not None and ns is not None:
         try:
-            lab.wait_listening(ns, port, timeout=15, proc=proc)
+            lab.wait_listening(ns, port, timeout=timeout, proc=proc)
         except Exception as exc:
-            raise RuntimeError(f"{exc}\n--- log ---\n{log.read_text(errors='replace')}") from exc
+            raise RuntimeError(f"{exc}{_log_tail(log)}") from exc
         return
-    deadline = time.monotonic() + 15
-    import socket
-
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"daemon exited {proc.returncode}:\n{log.read_text()}")
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}{_log_tail(log)}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.05)
-    raise RuntimeError(f"daemon not listening on {port}:\n{log.read_text()}")
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout:g} s{_log_tail(log)}")
 
 
 def start_exit(
@@ -78,7 +97,7 @@ def start_exit(
     allow: tuple[str, ...] = ("203.0.113.0/24:*",), metrics_port: int = 9100, **extra: Any,
 ) -> Daemon:  # fmt: skip
     workdir.mkdir(parents=True, exist_ok=True)
-    keys = _private(workdir / "exit.keys", f"{KEY_ID} {SECRET}\n")
+    keys = write_private(workdir / "exit.keys", f"{KEY_ID} {SECRET}\n")
     values: dict[str, Any] = {
         "listen": f"{host}:{port}",
         "keys": str(keys),
@@ -95,7 +114,7 @@ def start_exit(
         lab.outside, [str(BIN / "relay-exit"), "--config", str(config)],
         stdout=log.open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
-    _wait_port(lab, lab.outside, port, proc, log)
+    wait_port(port, proc, log, lab=lab, ns=lab.outside)
     return Daemon(proc, config, log, lab.outside)
 
 
@@ -104,8 +123,8 @@ def start_worker(
     logins: Optional[tuple[str, ...]] = None, socks_port: int = 1080, **extra: Any,
 ) -> Daemon:  # fmt: skip
     workdir.mkdir(parents=True, exist_ok=True)
-    secret = _private(workdir / "worker.secret", SECRET + "\n")
-    auth = _private(workdir / "socks.auth", f"{SOCKS_USER}:{SOCKS_PASSWORD}\n")
+    secret = write_private(workdir / "worker.secret", SECRET + "\n")
+    auth = write_private(workdir / "socks.auth", f"{SOCKS_USER}:{SOCKS_PASSWORD}\n")
     values: dict[str, Any] = {
         "socks": f"127.0.0.1:{socks_port}",
         "socks_auth": str(auth),
@@ -125,7 +144,7 @@ def start_worker(
         lab.worker, [str(BIN / "relay-worker"), "--config", str(config)],
         stdout=log.open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
-    _wait_port(lab, lab.worker, socks_port, proc, log)
+    wait_port(socks_port, proc, log, lab=lab, ns=lab.worker)
     return Daemon(proc, config, log, lab.worker)
 
 

@@ -6,9 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from relay.config import EXIT_OPTIONS, WORKER_OPTIONS
-from relay.configdoc import generate
-from relay.tools.check import CHECK_OPTIONS
+from relay.config.doc import generate
+from relay.config.schema import CHECK_OPTIONS, EXIT_OPTIONS, WORKER_OPTIONS
 
 CONFIG_MD = Path(__file__).resolve().parents[2] / "docs" / "CONFIG.md"
 
@@ -16,7 +15,7 @@ CONFIG_MD = Path(__file__).resolve().parents[2] / "docs" / "CONFIG.md"
 def test_committed_reference_matches_the_schema() -> None:
     assert CONFIG_MD.read_text() == generate(), (
         "docs/CONFIG.md is stale: regenerate it with `make docs`"
-        " (python -m relay.configdoc > docs/CONFIG.md)"
+        " (python -m relay.config.doc > docs/CONFIG.md)"
     )
 
 
@@ -30,7 +29,7 @@ def test_every_option_has_a_row() -> None:
 
 def test_module_prints_the_reference() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "relay.configdoc"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "relay.config.doc"], capture_output=True, text=True, check=True
     )
     assert out.stdout == generate()
 

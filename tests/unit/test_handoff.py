@@ -89,4 +89,4 @@ def test_broken_messages_are_refused_with_a_reason() -> None:
         with pytest.raises(ProtocolError):
             ho.decode(broken)
     with pytest.raises(ValueError):
-        ho.encode(ho.KIND_NEW, 0, 0, bytes(ho.MAX_DATA + 1))
+        ho.encode(ho.KIND_NEW, 0, 0, bytes(ho.MAX_HANDSHAKE_BYTES + 1))

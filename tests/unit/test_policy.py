@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.exit.policy import REASONS, Decision, Policy, PolicyError, Rule, parse_rule
+from relay.config.values import PolicyError, Rule, parse_rule
+from relay.exit.policy import REASONS, Decision, Policy
 
 V4 = ipaddress.IPv4Network
 V6 = ipaddress.IPv6Network

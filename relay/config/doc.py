@@ -1,6 +1,6 @@
 """The configuration reference, generated from the option schema so it cannot drift.
 
-``python -m relay.configdoc > docs/CONFIG.md`` (or ``make docs``) writes it; a test fails when
+``python -m relay.config.doc > docs/CONFIG.md`` (or ``make docs``) writes it; a test fails when
 the committed file differs from what this prints.
 """
 
@@ -9,7 +9,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from relay.config import EXIT_OPTIONS, KIND_METAVAR, WORKER_OPTIONS, Option
+from relay.config.schema import (
+    CHECK_OPTIONS,
+    EXIT_OPTIONS,
+    KIND_METAVAR,
+    WORKER_OPTIONS,
+    Option,
+)
 
 __all__ = ["generate", "main"]
 
@@ -30,7 +36,7 @@ _KIND = {
 _HEADER = """\
 # Configuration reference
 
-<!-- Generated from relay/config.py by `python -m relay.configdoc > docs/CONFIG.md`
+<!-- Generated from relay/config/schema.py by `python -m relay.config.doc > docs/CONFIG.md`
      (`make docs`). Do not edit by hand: a test compares this file with the generator. -->
 
 Every option of `relay-exit` and `relay-worker` is both a command-line flag `--NAME` and a
@@ -108,8 +114,6 @@ def _table(options: Sequence[Option], toml: bool = True) -> list[str]:
 
 def generate() -> str:
     """The whole reference as Markdown."""
-    from relay.tools.check import CHECK_OPTIONS  # the check sits above the daemons it drives
-
     out = [_HEADER]
     out += ["## relay-exit (`[exit]`)", ""]
     out += _table(EXIT_OPTIONS)

@@ -19,11 +19,13 @@ from relay.proto import session as ms
 
 ADDRESS = b"\x01\x7f\x00\x00\x01\x25\x92"
 WRITE = 256 * 1024
+SESSION = {"misses": 3, "window": 4 * 1024 * 1024, "tombstone_ttl": 600.0}
+"""The daemons' defaults (relay.config.schema), as a session of either end gets them."""
 
 
 def _pair(sealed: bool) -> tuple[ms.Session, ms.Session]:
-    worker = ms.Session(ms.WORKER, heartbeat=25.0, now=0.0)
-    exit_ = ms.Session(ms.EXIT, heartbeat=25.0, now=0.0)
+    worker = ms.Session(ms.WORKER, heartbeat=25.0, now=0.0, **SESSION)
+    exit_ = ms.Session(ms.EXIT, heartbeat=25.0, now=0.0, **SESSION)
     if sealed:
         to_exit, to_worker = seal.derive_keys(os.urandom(32), os.urandom(16), os.urandom(16))
         worker.add_carrier(1, seal.Sealer(to_exit), seal.Unsealer(to_worker), 0.0)

@@ -124,7 +124,7 @@ def exit_main(argv: Optional[Sequence[str]] = None) -> int:
 
         return supervise(args, settings)
     if place is not None:
-        settings.share(place.workers)
+        settings.share(place.processes)
 
     async def serve() -> int:
         # Built inside the running loop, which is what its asyncio objects bind to.

@@ -41,7 +41,7 @@ from relay.config.values import (
     toml_type,
 )
 from relay.errors import ConfigError
-from relay.proto.handoff import MAX_WORKERS
+from relay.proto.handoff import MAX_PROCESSES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -438,8 +438,8 @@ def load_exit_config(argv: Sequence[str]) -> Values:
         given, other = (cert, key) if v[key.key] is None else (key, cert)
         raise _err(f"{loaded.name(given)} needs {loaded.name(other)}: TLS needs both")
     workers = _option(EXIT_OPTIONS, "workers")
-    if v["workers"] > MAX_WORKERS:
-        raise _err(f"{loaded.name(workers)} is {v['workers']}: at most {MAX_WORKERS}")
+    if v["workers"] > MAX_PROCESSES:
+        raise _err(f"{loaded.name(workers)} is {v['workers']}: at most {MAX_PROCESSES}")
     if v["workers"] > 1 and not sys.platform.startswith("linux"):
         raise _err(f"{loaded.name(workers)} above 1 needs Linux (SO_REUSEPORT)")
     return v

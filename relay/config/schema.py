@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.proto.handoff import MAX_WORKERS
+from relay.proto.handoff import MAX_PROCESSES
 
 __all__ = [
     "CHECK_OPTIONS",
@@ -167,7 +167,7 @@ EXIT_OPTIONS: tuple[Option, ...] = (
         1,
         "processes accepting on the listen port (SO_REUSEPORT, Linux); above 1 a supervisor"
         " runs them, each with its share of the limits below (see docs/OPERATIONS.md);"
-        f" at most {MAX_WORKERS}",
+        f" at most {MAX_PROCESSES}",
         metavar="N",
         min=1,
     ),

@@ -31,7 +31,7 @@ class GroupPlace:
     """What the supervisor tells process ``index``; the numbers are inherited descriptors."""
 
     index: int
-    workers: int
+    processes: int
     port: int
     inbox: int
     peers: list[int] = field(default_factory=list)  # one per process, -1 for this one
@@ -47,11 +47,11 @@ class GroupPlace:
             doc = json.loads(text)
             place = cls(**doc)
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"{GROUP_ENV} is not a worker place: {exc}") from None
-        if not 0 <= place.index < place.workers <= ho.MAX_WORKERS:
-            raise ValueError(f"{GROUP_ENV}: index {place.index} of {place.workers} workers")
-        if len(place.peers) != place.workers:
-            raise ValueError(f"{GROUP_ENV}: {len(place.peers)} peers for {place.workers}")
+            raise ValueError(f"{GROUP_ENV} is not a group place: {exc}") from None
+        if not 0 <= place.index < place.processes <= ho.MAX_PROCESSES:
+            raise ValueError(f"{GROUP_ENV}: index {place.index} of {place.processes} processes")
+        if len(place.peers) != place.processes:
+            raise ValueError(f"{GROUP_ENV}: {len(place.peers)} peers for {place.processes}")
         return place
 
 
@@ -65,7 +65,7 @@ class Group:
     def __init__(self, place: GroupPlace, metrics: Metrics) -> None:
         self.place = place
         self.index = place.index
-        self.workers = place.workers
+        self.processes = place.processes
         self.metrics = metrics
         self._inbox = socket.socket(fileno=place.inbox)
         self._inbox.setblocking(False)
@@ -83,10 +83,10 @@ class Group:
         asyncio.get_running_loop().add_reader(self._inbox.fileno(), self._readable)
 
     def owner(self, is_resume: bool, nonce: bytes, session_id: bytes) -> int:
-        return ho.owner(is_resume, nonce, session_id, self.index, self.workers)
+        return ho.owner(is_resume, nonce, session_id, self.index, self.processes)
 
     def new_session_id(self) -> bytes:
-        return ho.new_session_id(self.index, self.workers, os.urandom)
+        return ho.new_session_id(self.index, self.processes, os.urandom)
 
     def send(self, target: int, kind: int, sent: int, data: bytes, fd: int) -> bool:
         """Pass the connection ``fd`` with what was read from it; False if it could not go

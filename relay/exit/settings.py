@@ -74,12 +74,12 @@ class ExitSettings(Settings):
             self.tls = server_context(self.tls_cert, self.tls_key)
             self.tls_fingerprint = cert_fingerprint(self.tls_cert)
 
-    def share(self, workers: int) -> ExitSettings:
-        """The limits of one process of ``workers``: each its equal share (rounded up),
-        so that the group together keeps about the configured totals."""
+    def share(self, processes: int) -> ExitSettings:
+        """The limits of one of ``processes``: each its equal share (rounded up), so that
+        the group together keeps about the configured totals."""
         for name in SHARED_LIMITS:
             total = getattr(self, name)
-            setattr(self, name, -(-total // workers) if total > 0 else total)
+            setattr(self, name, -(-total // processes) if total > 0 else total)
         return self
 
 

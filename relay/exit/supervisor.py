@@ -90,17 +90,17 @@ class Supervisor:
     def __init__(
         self,
         args: Sequence[str],
-        workers: int,
+        processes: int,
         host: str,
         port: int,
         metrics: Optional[tuple[str, int]],
     ) -> None:
         self.args = list(args)
-        self.workers = workers
+        self.processes = processes
         self.host = host
         self.port = port
         self.metrics_address = metrics
-        self.children = [_Child(i) for i in range(workers)]
+        self.children = [_Child(i) for i in range(processes)]
         self.inboxes: list[tuple[socket.socket, socket.socket]] = []
         self.rundir = ""
         self.stopping = False
@@ -142,7 +142,7 @@ class Supervisor:
         self.port = int(sock.getsockname()[1])
 
     def _channels(self) -> None:
-        for _ in range(self.workers):
+        for _ in range(self.processes):
             inbox, outbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             for sock in (inbox, outbox):
                 with contextlib.suppress(OSError):
@@ -162,7 +162,7 @@ class Supervisor:
         ]
         place = GroupPlace(
             index=child.index,
-            workers=self.workers,
+            processes=self.processes,
             port=self.port,
             inbox=self.inboxes[child.index][0].fileno(),
             peers=peers,
@@ -239,9 +239,9 @@ class Supervisor:
                 log.info("metrics", extra={"fields": {"addr": f"{bound[0]}:{bound[1]}"}})
             log.info(
                 "listening",
-                extra={"fields": {"port": self.port, "workers": self.workers}},
+                extra={"fields": {"port": self.port, "workers": self.processes}},
             )
-            notify(f"READY=1\nSTATUS=serving with {self.workers} workers")
+            notify(f"READY=1\nSTATUS=serving with {self.processes} workers")
             await self._watch()
             return await self._shutdown()
         finally:

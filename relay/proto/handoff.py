@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple, Optional
 
 from relay.proto import ProtocolError
 
-MAX_WORKERS = 64
+MAX_PROCESSES = 64
 """Most processes in a group (the first byte of a session id names one of them)."""
 
 MAX_HANDSHAKE_BYTES = 64 * 1024
@@ -35,7 +35,7 @@ KIND_NEW = 1
 KIND_RESUME = 2
 KIND_NAMES = {KIND_NEW: "new", KIND_RESUME: "resume"}
 
-# version, kind, from worker, answer bytes already sent, length of the data
+# version, kind, from process, answer bytes already sent, length of the data
 _HEADER = struct.Struct("!BBBxII")
 HEADER_SIZE = _HEADER.size
 MAX_MESSAGE = HEADER_SIZE + MAX_HANDSHAKE_BYTES
@@ -54,41 +54,41 @@ class Handoff(NamedTuple):
     """Every byte that process read from the connection, from the first."""
 
 
-def nonce_owner(nonce: bytes, workers: int) -> int:
+def nonce_owner(nonce: bytes, processes: int) -> int:
     """The process that checks (and remembers) a new-session HELLO with this nonce."""
-    if workers <= 1:
+    if processes <= 1:
         return 0
     digest = hashlib.sha256(_ROUTE_LABEL + nonce).digest()
-    return int.from_bytes(digest[:8], "big") % workers
+    return int.from_bytes(digest[:8], "big") % processes
 
 
-def session_owner(session_id: bytes, workers: int) -> Optional[int]:
+def session_owner(session_id: bytes, processes: int) -> Optional[int]:
     """The process that made ``session_id``; None if no process of this group can have."""
-    if workers <= 1:
+    if processes <= 1:
         return 0
-    index = session_id[0] if session_id else workers
-    return index if index < workers else None
+    index = session_id[0] if session_id else processes
+    return index if index < processes else None
 
 
-def new_session_id(index: int, workers: int, random_bytes: Callable[[int], bytes]) -> bytes:
+def new_session_id(index: int, processes: int, random_bytes: Callable[[int], bytes]) -> bytes:
     """A 16-byte session id for process ``index``: fully random for a single process,
     else the index then 15 random bytes. Never the all-zero id that asks for a new session."""
-    if not 0 <= index < max(workers, 1) or workers > MAX_WORKERS:
-        raise ValueError(f"worker index {index} out of range for {workers} worker(s)")
+    if not 0 <= index < max(processes, 1) or processes > MAX_PROCESSES:
+        raise ValueError(f"process index {index} out of range for {processes} process(es)")
     while True:
-        sid = random_bytes(16) if workers <= 1 else bytes((index,)) + random_bytes(15)
+        sid = random_bytes(16) if processes <= 1 else bytes((index,)) + random_bytes(15)
         if sid != _NEW_SESSION:
             return sid
 
 
-def owner(is_resume: bool, nonce: bytes, session_id: bytes, index: int, workers: int) -> int:
+def owner(is_resume: bool, nonce: bytes, session_id: bytes, index: int, processes: int) -> int:
     """Where a HELLO read by process ``index`` is handled: the session's maker for a resume
     (``index`` itself when no process made it: that one answers 'unknown session'), the
     nonce's process for a new session."""
     if is_resume:
-        made_by = session_owner(session_id, workers)
+        made_by = session_owner(session_id, processes)
         return index if made_by is None else made_by
-    return nonce_owner(nonce, workers)
+    return nonce_owner(nonce, processes)
 
 
 def encode(kind: int, source: int, sent: int, data: bytes) -> bytes:
@@ -96,7 +96,7 @@ def encode(kind: int, source: int, sent: int, data: bytes) -> bytes:
         raise ValueError(f"unknown handoff kind {kind}")
     if len(data) > MAX_HANDSHAKE_BYTES:
         raise ValueError(f"{len(data)} handshake bytes are more than a handoff carries")
-    if not 0 <= source < MAX_WORKERS or not 0 <= sent <= len(data):
+    if not 0 <= source < MAX_PROCESSES or not 0 <= sent <= len(data):
         raise ValueError("handoff source or sent count out of range")
     return _HEADER.pack(VERSION, kind, source, sent, len(data)) + data
 
@@ -114,6 +114,6 @@ def decode(message: bytes) -> Handoff:
         raise ProtocolError(
             f"handoff length {length} does not match its {len(message) - HEADER_SIZE} data bytes"
         )
-    if source >= MAX_WORKERS or sent > length:
+    if source >= MAX_PROCESSES or sent > length:
         raise ProtocolError("handoff source or sent count out of range")
     return Handoff(kind, source, sent, bytes(message[HEADER_SIZE:]))

@@ -105,9 +105,10 @@ def encode_hello(
     nonce: bytes,
     session_id: bytes = NEW_SESSION,
     recv_offset: int = 0,
-    heartbeat_ms: int = 25000,
+    heartbeat_ms: int = 0,
 ) -> bytes:
-    """Build a HELLO; ``key`` is the key's secret, or the session key for a resume."""
+    """Build a HELLO; ``key`` is the key's secret, or the session key for a resume.
+    ``heartbeat_ms`` 0 leaves the heartbeat to the exit."""
     kid = key_id.encode("ascii")
     if not 1 <= len(kid) <= MAX_KEY_ID:
         raise ValueError("key id must be 1..64 ASCII characters")

@@ -65,8 +65,10 @@ _IPV4ISH = re.compile(r"[0-9.]+")
 class HttpConnectError(ProtocolError):
     """A request the proxy cannot serve; ``status`` is the HTTP status to answer with."""
 
+    reason = "http-error"
+
     def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
+        super().__init__(message, code=status)
         self.status = status
 
 

@@ -198,9 +198,9 @@ class Session:
         *,
         heartbeat: float,
         now: float,
-        misses: int = 3,
-        window: int = 4 * 1024 * 1024,
-        tombstone_ttl: float = 600.0,
+        misses: int,
+        window: int,
+        tombstone_ttl: float,
     ) -> None:
         if role not in (WORKER, EXIT):
             raise ValueError(f"role {role!r}")

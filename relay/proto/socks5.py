@@ -57,8 +57,10 @@ SubParser = Callable[[bytearray], Optional[tuple[object, int]]]
 class Socks5Error(ProtocolError):
     """Malformed SOCKS5 input; ``reply`` is the code to answer with when a reply is still due."""
 
+    reason = "socks5-error"
+
     def __init__(self, message: str, reply: int = GENERAL_FAILURE) -> None:
-        super().__init__(message)
+        super().__init__(message, code=reply)
         self.reply = reply
 
 

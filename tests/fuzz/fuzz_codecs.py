@@ -168,7 +168,7 @@ def session(data: bytes, cut: int) -> None:
     role = ms.EXIT if cut % 2 == 0 else ms.WORKER
     sealed = bool(cut & 2)
     now = 1000.0
-    end = ms.Session(role, heartbeat=1.0, now=now, window=64 * 1024)
+    end = ms.Session(role, heartbeat=1.0, now=now, misses=3, window=64 * 1024, tombstone_ttl=600.0)
     out_key = bytes(32)
     end.add_carrier(1, seal.Sealer(out_key) if sealed else None,
                     seal.Unsealer(SEAL_KEY) if sealed else None, now)  # fmt: skip

@@ -41,13 +41,29 @@ class Sim:
         *,
         window: int = 256 * 1024,
         heartbeat: float = 10.0,
+        misses: int = 3,
+        tombstone_ttl: float = 600.0,
         seed: int = 0,
         sealers: Optional[Callable[[int], tuple[object, object, object, object]]] = None,
         refuse: Callable[[int], int] = lambda sid: 0,
     ) -> None:
         self.now = 1000.0
-        self.worker = ms.Session(ms.WORKER, heartbeat=heartbeat, now=self.now, window=window)
-        self.exit = ms.Session(ms.EXIT, heartbeat=heartbeat, now=self.now, window=window)
+        self.worker = ms.Session(
+            ms.WORKER,
+            heartbeat=heartbeat,
+            now=self.now,
+            misses=misses,
+            window=window,
+            tombstone_ttl=tombstone_ttl,
+        )
+        self.exit = ms.Session(
+            ms.EXIT,
+            heartbeat=heartbeat,
+            now=self.now,
+            misses=misses,
+            window=window,
+            tombstone_ttl=tombstone_ttl,
+        )
         self.wire: dict[int, tuple[bytearray, bytearray]] = {}  # cid -> (to exit, to worker)
         self.wapps: dict[int, App] = {}
         self.eapps: dict[int, App] = {}

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from relay.proto import ProtocolError
 from relay.proto import handoff as ho
 
-workers = st.integers(min_value=1, max_value=ho.MAX_WORKERS)
+workers = st.integers(min_value=1, max_value=ho.MAX_PROCESSES)
 
 
 @given(workers, st.data())
@@ -42,7 +42,7 @@ def test_a_new_hello_goes_to_its_nonce_owner_from_any_reader(
     assert 0 <= owners.pop() < n
 
 
-@given(st.binary(min_size=16, max_size=16), st.integers(min_value=2, max_value=ho.MAX_WORKERS))
+@given(st.binary(min_size=16, max_size=16), st.integers(min_value=2, max_value=ho.MAX_PROCESSES))
 def test_a_session_no_process_made_stays_with_its_reader(sid: bytes, n: int) -> None:
     sid = bytes((n + sid[0] % (256 - n),)) + sid[1:]
     assert ho.session_owner(sid, n) is None
@@ -58,7 +58,7 @@ def test_nonces_spread_over_the_processes() -> None:
 
 @given(
     st.sampled_from(sorted(ho.KIND_NAMES)),
-    st.integers(min_value=0, max_value=ho.MAX_WORKERS - 1),
+    st.integers(min_value=0, max_value=ho.MAX_PROCESSES - 1),
     st.binary(max_size=4096),
     st.data(),
 )

@@ -15,6 +15,7 @@ from relay.net.pump import PlainProtocol, StreamInfo
 from relay.proto import session as ms
 
 ADDRESS = b"\x01\x7f\x00\x00\x01\x25\x92"
+SESSION = {"misses": 3, "window": 4 * 1024 * 1024, "tombstone_ttl": 600.0}
 
 
 class _Link:
@@ -42,8 +43,8 @@ async def _pair(role: str) -> tuple[MuxDriver, ms.Session, _Link]:
     """A driver for ``role`` on one unsealed carrier, and the peer's in-memory session."""
     loop = asyncio.get_running_loop()
     peer_role = ms.EXIT if role == ms.WORKER else ms.WORKER
-    driver = MuxDriver(ms.Session(role, heartbeat=30.0, now=loop.time()), Metrics(role))
-    peer = ms.Session(peer_role, heartbeat=30.0, now=loop.time())
+    driver = MuxDriver(ms.Session(role, heartbeat=30.0, now=loop.time(), **SESSION), Metrics(role))
+    peer = ms.Session(peer_role, heartbeat=30.0, now=loop.time(), **SESSION)
     link = _Link()
     driver.add_link(1, link, None, None, b"")
     peer.add_carrier(1, None, None, loop.time())

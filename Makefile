@@ -63,7 +63,8 @@ fuzz: venv
 unit: venv
 	$(BIN)/pytest -m unit $(PYTEST_ARGS)
 
-## relay vs the old chain, side by side on loopback (about 15 min; updates docs/PERFORMANCE.md)
+## relay vs the old chain, side by side: the namespace lab first (the primary table), then
+## loopback (as root; about 20 min expected; updates docs/PERFORMANCE.md)
 BENCH_STAMP := $(VENV)/.bench-stamp
 BENCH_ARGS ?=
 $(BENCH_STAMP): pyproject.toml $(STAMP)
@@ -75,7 +76,7 @@ bench: $(BENCH_STAMP)
 	./bench/install-debs
 	$(BIN)/python -m bench --full --update-docs $(BENCH_ARGS)
 
-## the same in about a minute with small sizes (results under bench/results/ only)
+## the same in a few minutes: small sizes, one lab round (results under bench/results/ only)
 bench-quick: $(BENCH_STAMP)
 	./bench/install-debs
 	$(BIN)/python -m bench --quick $(BENCH_ARGS)

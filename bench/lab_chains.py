@@ -1,7 +1,10 @@
-"""The relay next to the chain it replaces, in the namespace lab: throughput, CPU, setup latency.
+"""The relay next to the chain it replaces in the namespace lab: throughput, CPU, setup, rate.
 
     python -m bench.lab_chains [--quick] [--rounds N] [--size-mib N] [--chains a,b,...]
-                               [--out DIR]                                      # as root
+                               [--rate-seconds S] [--rate-parallel P] [--out DIR]  # as root
+
+``python -m bench`` runs this first (its primary table) through :func:`run_lab`, then the
+loopback bench.
 
 One lab (tests/support/netns.py: worker, login, fw, outside namespaces; the fw namespace lets only
 new login -> outside TCP to ports 80/443 through) holds every chain at once, each with its own
@@ -12,6 +15,10 @@ sshd in the login namespace so its sshd processes can be told apart:
                     -> relay-exit 203.0.113.2:80 -> sink
     relay-asyncssh  the same with ssh_client = "asyncssh" (SSH in-process; socks :1081)
                     -> sshd :2222 -> relay-exit 203.0.113.2:443 -> sink
+    relay-openssh-2ssh
+                    relay-openssh with ssh_connections = 2 (carriers spread over two ssh
+                    processes; socks :1084) -> sshd :2225 -> relay-exit 203.0.113.4:80 -> sink;
+                    in the default set only when relay/config/schema.py has the option
     old-chain       client -SOCKS5-> ssh -D 127.0.0.1:1082 (OpenSSH client, default cipher)
                     -> sshd :2223 -> danted 203.0.113.3:80 -SOCKS5-> sink; the client does
                     both SOCKS5 hops itself, as proxychains4 with two hops does
@@ -21,14 +28,17 @@ sshd in the login namespace so its sshd processes can be told apart:
                     (in this lab it cannot: the compute node has no route out)
 
 The sink (bench.sink) runs in the outside namespace on 203.0.113.2 (bulk 8001, echo 8002);
-the dantes use a second address, 203.0.113.3, on the same interface, since the firewall passes
-only ports 80 and 443. The client (bench.lab_chains_client) runs in the worker namespace.
-Relays run with their shipped defaults; everything else as the prototype ran it.
+the dantes use a second address, 203.0.113.3, and relay-openssh-2ssh's exit a third,
+203.0.113.4, on the same interface, since the firewall passes only ports 80 and 443. The
+client (bench.lab_chains_client) runs in the worker namespace. Relays run with their shipped
+defaults (relay-openssh-2ssh: ssh_connections = 2); everything else as the prototype ran it.
 
 Each round, in an order rotated from round to round: setup latency (fresh streams, connect to
 echoed byte, one after the other) for every chain, then a download for every chain, then an
-upload for every chain. Transfers are SHA-256 checked end to end; a mismatch or a broken
-transfer stops the run with exit status 1 (results.json keeps what was measured and why).
+upload for every chain, then the connection rate for every chain (P client threads, each
+opening a stream, echoing one byte and closing, back to back, for S seconds). Transfers are
+SHA-256 checked end to end; a mismatch or a broken transfer stops the run with exit status 1
+(results.json keeps what was measured and why).
 CPU is read from /proc before and after each transfer, per process of the chain (process trees:
 relay-worker itself, its ssh children, the chain's sshd with its session processes, the exit /
 ssh -D / danted with their children); the sink's and the client's CPU are recorded as context.
@@ -40,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -73,19 +84,44 @@ RESULTS = REPO / "bench" / "results"
 BIN = Path(sys.executable).parent
 BULK_PORT, ECHO_PORT = 8001, 8002
 DANTE_IP = "203.0.113.3"
+EXIT2_IP = "203.0.113.4"
 GCM = "aes128-gcm@openssh.com"
-ALL_CHAINS = ("relay-openssh", "relay-asyncssh", "old-chain", "old-chain-gcm", "direct")
+TWO_SSH = "relay-openssh-2ssh"
+ALL_CHAINS = (
+    "relay-openssh",
+    "relay-asyncssh",
+    TWO_SSH,
+    "old-chain",
+    "old-chain-gcm",
+    "direct",
+)
 BASELINES = ("old-chain", "old-chain-gcm")
-# Per chain: sshd port in the login namespace, the exit's (or dante's) address, SOCKS port.
+# Per chain: sshd port in the login namespace, the exit's (or dante's) address and port, SOCKS
+# port.
 PLAN: dict[str, tuple[int, str, int, int]] = {
     "relay-openssh": (22, Lab.outside_ip, 80, 1080),
     "relay-asyncssh": (2222, Lab.outside_ip, 443, 1081),
+    TWO_SSH: (2225, EXIT2_IP, 80, 1084),
     "old-chain": (2223, DANTE_IP, 80, 1082),
     "old-chain-gcm": (2224, DANTE_IP, 443, 1083),
 }
-MODES: dict[str, dict[str, int]] = {
-    "quick": {"size_mib": 32, "rounds": 1, "latency_count": 20},
-    "full": {"size_mib": 200, "rounds": 3, "latency_count": 50},
+# Extra worker settings per relay chain (on top of the shipped defaults).
+WORKER_EXTRA: dict[str, dict[str, Any]] = {TWO_SSH: {"ssh_connections": 2}}
+MODES: dict[str, dict[str, Any]] = {
+    "quick": {
+        "size_mib": 32,
+        "rounds": 1,
+        "latency_count": 20,
+        "rate_seconds": 2.0,
+        "rate_parallel": 4,
+    },
+    "full": {
+        "size_mib": 200,
+        "rounds": 3,
+        "latency_count": 50,
+        "rate_seconds": 5.0,
+        "rate_parallel": 8,
+    },
 }
 
 
@@ -106,9 +142,34 @@ def _cmdline(pid: int) -> str:
     return text[:90]
 
 
-def _med(values: list[float]) -> float:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else float("nan")
+def _med(values: list[Optional[float]]) -> float:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else float("nan")
+
+
+def ssh_connections_supported() -> bool:
+    """Whether the relay in this tree knows the worker option ``ssh_connections``: until it
+    does, relay-openssh-2ssh would only measure a worker refusing its configuration."""
+    from relay.config.schema import WORKER_OPTIONS
+
+    return any(o.key == "ssh_connections" for o in WORKER_OPTIONS)
+
+
+def default_chains(with_direct: bool = True) -> list[str]:
+    """The chains measured when none are named: every one the tree supports."""
+    names = [n for n in ALL_CHAINS if with_direct or n != "direct"]
+    if not ssh_connections_supported():
+        names.remove(TWO_SSH)
+    return names
+
+
+def round_order(names: list[str], r: int) -> list[str]:
+    """Round r's order of the chains: rotated by one each round, so no chain always goes first
+    (into a cold page cache, after the sink's warm-up) or last."""
+    if not names:
+        return []
+    k = r % len(names)
+    return names[k:] + names[:k]
 
 
 @dataclass
@@ -162,8 +223,8 @@ def cpu_delta(
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
-        self.args = args
+    def __init__(self, workdir: Path, fw_idle_timeout: int = 300) -> None:
+        self.fw_idle_timeout = fw_idle_timeout
         self.workdir = workdir
         self.lab: Optional[Lab] = None
         self.sshds: list[Sshd] = []
@@ -177,10 +238,11 @@ class Bench:
     def start(self, names: list[str]) -> None:
         # The firewall forgets idle connections after this; long enough that it plays no part
         # here (bench.mux_lab measures idling), the relays' 25 s heartbeats would cope anyway.
-        self.lab = Lab.create(self.workdir / "lab", idle_timeout=self.args.fw_idle_timeout)
+        self.lab = Lab.create(self.workdir / "lab", idle_timeout=self.fw_idle_timeout)
         lab = self.lab
         lab.run(lab.outside, ["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])
-        lab.run(lab.outside, ["ip", "addr", "add", f"{DANTE_IP}/24", "dev", "to-fw"])
+        for extra_ip in (DANTE_IP, EXIT2_IP):
+            lab.run(lab.outside, ["ip", "addr", "add", f"{extra_ip}/24", "dev", "to-fw"])
         self.sink = lab.spawn(
             lab.outside,
             [
@@ -246,7 +308,7 @@ class Bench:
         lab = self.lab
         assert lab is not None
         _, exit_host, exit_port, socks_port = PLAN[name]
-        client = name.split("-", 1)[1]
+        client = name.split("-")[1]
         wd = self.workdir / name
         wd.mkdir(parents=True, exist_ok=True)
         keys = write_private(wd / "exit.keys", f"{KEY_ID} {SECRET}\n")
@@ -281,6 +343,7 @@ class Bench:
                 "exit": [f"{exit_host}:{exit_port}"],
                 "key_id": KEY_ID,
                 "secret_file": str(secret),
+                **WORKER_EXTRA.get(name, {}),
             },
         )
         worker = lab.spawn(
@@ -299,9 +362,11 @@ class Bench:
             roles["ssh"] = (worker.pid, "descendants")
         roles["sshd"] = (sshd.pid, "tree")
         roles["exit"] = (exit_proc.pid, "tree")
+        extra = "".join(f", {k} = {v!r}" for k, v in WORKER_EXTRA.get(name, {}).items())
         return Chain(
             name,
-            f"client -> relay-worker (ssh_client = {client!r}) -> sshd -> relay-exit -> sink",
+            f"client -> relay-worker (ssh_client = {client!r}{extra}) -> sshd -> relay-exit"
+            " -> sink",
             hops=[f"127.0.0.1:{socks_port}:{SOCKS_USER}:{SOCKS_PASSWORD}"],
             roles=roles,
             sshd=sshd,
@@ -423,7 +488,7 @@ class Bench:
     def _client(self, chain: Chain, mode: str, *extra: str, timeout: float = 300) -> Any:
         lab = self.lab
         assert lab is not None
-        port = ECHO_PORT if mode == "latency" else BULK_PORT
+        port = ECHO_PORT if mode in ("latency", "rate") else BULK_PORT
         argv = [
             sys.executable,
             "-m",
@@ -518,21 +583,61 @@ class Bench:
         )
         return res
 
-    def run(self, rounds: int, size: int, latency_count: int, out: dict[str, Any]) -> None:
-        """Fills out["rounds"] as it goes, so a failure keeps what was measured."""
+    def rate(self, chain: Chain, seconds: float, parallel: int) -> dict[str, Any]:
+        """New streams per second from ``parallel`` client loops, and the chain's CPU per
+        stream; every stream carries one echoed byte, so a stream counts only if it worked."""
+        before = chain.snapshot()
+        res = self._client(
+            chain,
+            "rate",
+            "--seconds",
+            str(seconds),
+            "--parallel",
+            str(parallel),
+            "--timeout",
+            "10",
+            timeout=seconds + 120,
+        )
+        after = chain.snapshot()
+        if not res.get("ok"):
+            raise BenchFailure(f"{chain.name}: no stream could be opened in the rate test: {res}")
+        totals, _ = cpu_delta(before, after, list(chain.roles))
+        ok = res["ok"]
+        res["cpu_s"] = totals
+        res["cpu_ms_per_stream"] = 1000 * sum(totals.values()) / ok
+        res["client_core_pct"] = round(100 * res.get("client_cpu", 0.0) / res["seconds"], 1)
+        log(
+            f"rate {chain.name}: {res['per_second']:.0f} streams/s ({parallel} loops), "
+            f"{res['cpu_ms_per_stream']:.2f} chain CPU ms/stream, "
+            f"client {res['client_core_pct']:.0f}%"
+            + (f", errors {res['errors']}" if res.get("errors") else "")
+        )
+        return res
+
+    def run(self, params: dict[str, Any], out: dict[str, Any]) -> None:
+        """Fills out["rounds"] as it goes, so a failure keeps what was measured.
+
+        params: rounds, size_mib, latency_count, rate_seconds, rate_parallel (as in MODES)."""
         names = list(self.chains)
+        rounds, size = params["rounds"], params["size_mib"] << 20
         for r in range(rounds):
-            k = r % len(names) if names else 0
-            order = names[k:] + names[:k]
+            order = round_order(names, r)
             log(f"round {r + 1}/{rounds}: {', '.join(order)}")
             entry: dict[str, Any] = {"round": r + 1, "order": order, "results": {}}
             out["rounds"].append(entry)
             results = entry["results"]
             for name in order:
-                results[name] = {"latency": self.latency(self.chains[name], latency_count)}
+                results[name] = {
+                    "latency": self.latency(self.chains[name], params["latency_count"])
+                }
             for direction in ("down", "up"):
                 for name in order:
                     results[name][direction] = self.transfer(self.chains[name], direction, size)
+            if params.get("rate_seconds"):
+                for name in order:
+                    results[name]["rate"] = self.rate(
+                        self.chains[name], params["rate_seconds"], params["rate_parallel"]
+                    )
 
 
 # ----------------------------------------------------------------------------- summary
@@ -551,6 +656,17 @@ def aggregate(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
             a["latency_p90_ms"] = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
             a["latency_n"] = len(samples)
             a["latency_errors"] = sum(sum(r["latency"]["errors"].values()) for r in runs)
+        rates = [r["rate"] for r in runs if "rate" in r]
+        if rates:
+            a["rate"] = {
+                "n": len(rates),
+                "per_second": _med([x["per_second"] for x in rates]),
+                "per_second_runs": [round(x["per_second"], 1) for x in rates],
+                "cpu_ms_per_stream": _med([x["cpu_ms_per_stream"] for x in rates]),
+                "client_core_pct": _med([x["client_core_pct"] for x in rates]),
+                "errors": sum(sum(x["errors"].values()) for x in rates),
+                "parallel": rates[0]["parallel"],
+            }
         for d in ("down", "up"):
             done = [r[d] for r in runs if d in r]
             if not done:
@@ -573,10 +689,130 @@ def aggregate(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     return agg
 
 
-def _ratio(a: Optional[float], b: Optional[float]) -> str:
-    if a is None or b is None or not b or a != a or b != b:
-        return "-"
-    return f"{a / b:.2f}"
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    """a / b, or None when either is missing (a chain not measured, a step skipped)."""
+    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
+
+
+def _fmt(x: Optional[float], digits: int = 2) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:,.{digits}f}"
+
+
+def figure(agg: dict[str, Any], name: str, key: str) -> Optional[float]:
+    """One median of one chain: ``down``/``up`` MB/s, ``cpu_down``/``cpu_up`` CPU s/GiB over
+    the whole chain, ``p50`` setup ms, ``rate`` new streams/s; None if not measured."""
+    a = agg.get(name, {})
+    value: Any = None
+    if key in ("down", "up"):
+        value = a.get(key, {}).get("mb_per_s")
+    elif key in ("cpu_down", "cpu_up"):
+        value = a.get(key[4:], {}).get("cpu_s_per_gib", {}).get("total")
+    elif key == "p50":
+        value = a.get("latency_p50_ms")
+    elif key == "rate":
+        value = a.get("rate", {}).get("per_second")
+    return None if value is None else float(value)
+
+
+RATIO_KEYS = (
+    ("down", "MB/s down"),
+    ("up", "MB/s up"),
+    ("cpu_down", "CPU/GiB down"),
+    ("cpu_up", "CPU/GiB up"),
+    ("p50", "setup p50"),
+    ("rate", "streams/s"),
+)
+
+
+def primary_table(agg: dict[str, Any], names: list[str]) -> list[str]:
+    """The lab's main table: one row per chain, medians over rounds."""
+
+    def mbs(a: dict[str, Any], d: str) -> str:
+        if d not in a:
+            return "-"
+        runs = a[d]["mb_per_s_runs"]
+        extra = f" ({', '.join(f'{x:.0f}' for x in runs)})" if len(runs) > 1 else ""
+        return f"{a[d]['mb_per_s']:.0f}{extra}"
+
+    def cpu(a: dict[str, Any], d: str) -> str:
+        if d not in a:
+            return "-"
+        per = a[d]["cpu_s_per_gib"]
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in per.items() if k != "total")
+        return f"**{per['total']:.2f}**" + (f" ({parts})" if parts else "")
+
+    def lat(a: dict[str, Any]) -> str:
+        if "latency_p50_ms" not in a:
+            return "-"
+        failed = f" ({a['latency_errors']} failed)" if a.get("latency_errors") else ""
+        return f"{a['latency_p50_ms']:.2f} / {a['latency_p90_ms']:.2f}{failed}"
+
+    def rate(a: dict[str, Any]) -> str:
+        r = a.get("rate")
+        if not r:
+            return "-"
+        runs = r["per_second_runs"]
+        extra = f" ({', '.join(f'{x:.0f}' for x in runs)})" if len(runs) > 1 else ""
+        failed = f", {r['errors']} failed" if r["errors"] else ""
+        return f"{r['per_second']:.0f}{extra} [{r['cpu_ms_per_stream']:.2f} ms{failed}]"
+
+    out = [
+        "| chain | down MB/s | up MB/s | CPU s/GiB down: **all processes** (per process) "
+        "| CPU s/GiB up: **all processes** (per process) | setup p50 / p90 ms "
+        "| new streams/s [chain CPU ms per stream] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        a = agg.get(name, {})
+        cells = [name, mbs(a, "down"), mbs(a, "up"), cpu(a, "down"), cpu(a, "up"), lat(a)]
+        out.append("| " + " | ".join([*cells, rate(a)]) + " |")
+    return out
+
+
+def ratio_table(agg: dict[str, Any], names: list[str]) -> list[str]:
+    """Every other chain against each old chain, from the medians of the same run."""
+    base = [b for b in BASELINES if b in agg and b in names]
+    others = [n for n in names if n not in BASELINES]
+    if not base or not others:
+        return []
+    out = [
+        "| chain / baseline | " + " | ".join(label for _, label in RATIO_KEYS) + " |",
+        "|---|" + "---|" * len(RATIO_KEYS),
+    ]
+    for name in others:
+        for b in base:
+            cells = [_fmt(ratio(figure(agg, name, k), figure(agg, b, k))) for k, _ in RATIO_KEYS]
+            out.append(f"| {name} / {b} | " + " | ".join(cells) + " |")
+    return out
+
+
+RATIO_NOTE = (
+    "Ratios are of medians of this run. Above 1 is better for MB/s and streams/s; below 1 is "
+    "better for CPU per GiB and setup time."
+)
+
+
+def method_note(meta: dict[str, Any]) -> str:
+    """How the lab figures were made, in one paragraph."""
+    rate = (
+        f" Connection rate: {meta['rate_parallel']} client threads, each opening a stream, "
+        f"echoing one byte and closing, back to back for {meta['rate_seconds']:g} s per chain "
+        "and round."
+        if meta.get("rate_seconds")
+        else ""
+    )
+    return (
+        f"{meta['size_mib']} MiB per transfer and direction, SHA-256 checked end to end; "
+        f"{meta['rounds']} round(s), every chain measured in each round in an order rotated "
+        "from round to round (interleaved); figures are medians over rounds (each round's "
+        "value in brackets when there are several). Setup latency: "
+        f"{meta['latency_count']} fresh streams per chain and round, one after the other, TCP "
+        f"connect to the first echoed byte, p50 / p90 over all.{rate} CPU counts every process "
+        "of the chain (sshd = its listener and session processes; worker = relay-worker "
+        "itself, ssh = its ssh children), not the client or the sink."
+    )
 
 
 def summarize(meta: dict[str, Any], agg: dict[str, Any], failure: Optional[str]) -> str:
@@ -589,83 +825,41 @@ def summarize(meta: dict[str, Any], agg: dict[str, Any], failure: Optional[str])
         f"Date (UTC): {meta['started']}; host {meta['host']}: {meta['cpus']} CPUs "
         f"({meta['cpu_model']}), shared; load average before {meta['load_before']}, after "
         f"{meta.get('load_after', '-')}; kernel {meta['kernel']}; Python {meta['python']}; "
-        f"{meta['openssh']}; {meta['dante']}; relay {meta['commit']}.  "
+        f"{meta['openssh']}; {meta['dante']}; relay {meta['commit']}.\n"
     )
-    out.append(
-        f"{meta['size_mib']} MiB per transfer and direction, SHA-256 checked end to end; "
-        f"{meta['rounds']} round(s), chain order rotated each round; medians over rounds "
-        f"(values of each round in brackets). Setup latency: {meta['latency_count']} fresh "
-        "streams per chain and round, one after the other, TCP connect to the first echoed "
-        "byte, median over all.\n"
-    )
+    out.append(method_note(meta) + "\n")
     if meta.get("direct_note"):
         out.append(f"_{meta['direct_note']}._\n")
     names = [n for n in meta["chains"] if n in agg]
-
-    def cpu_cell(a: dict[str, Any], d: str) -> str:
-        if d not in a:
-            return "-"
-        per = a[d]["cpu_s_per_gib"]
-        parts = ", ".join(f"{k} {v:.2f}" for k, v in per.items() if k != "total")
-        return f"**{per['total']:.2f}**" + (f" ({parts})" if parts else "")
-
-    def mbs(a: dict[str, Any], d: str) -> str:
-        if d not in a:
-            return "-"
-        runs = a[d]["mb_per_s_runs"]
-        extra = f" ({', '.join(f'{x:.0f}' for x in runs)})" if len(runs) > 1 else ""
-        return f"{a[d]['mb_per_s']:.0f}{extra}"
-
-    def get(name: str, d: str, key: str) -> Optional[float]:
-        a = agg.get(name, {}).get(d)
-        if not a:
-            return None
-        return a["mb_per_s"] if key == "mbs" else a["cpu_s_per_gib"]["total"]
-
-    base = [b for b in BASELINES if b in agg]
-    head = [
-        "chain",
-        "down MB/s",
-        "up MB/s",
-        "CPU s/GiB down: total (per process)",
-        "CPU s/GiB up: total (per process)",
-        "setup p50 / p90 ms",
-    ]
-    for b in base:
-        head.append(f"vs {b}: MB/s down / up, CPU down / up")
-    out.append("| " + " | ".join(head) + " |")
-    out.append("|" + "---|" * len(head))
-    for name in names:
-        a = agg[name]
-        lat = (
-            f"{a['latency_p50_ms']:.2f} / {a['latency_p90_ms']:.2f}"
-            + (f" ({a['latency_errors']} failed)" if a.get("latency_errors") else "")
-            if "latency_p50_ms" in a
-            else "-"
-        )
-        cells = [name, mbs(a, "down"), mbs(a, "up"), cpu_cell(a, "down"), cpu_cell(a, "up"), lat]
-        for b in base:
-            cells.append(
-                f"{_ratio(get(name, 'down', 'mbs'), get(b, 'down', 'mbs'))} / "
-                f"{_ratio(get(name, 'up', 'mbs'), get(b, 'up', 'mbs'))}, "
-                f"{_ratio(get(name, 'down', 'cpu'), get(b, 'down', 'cpu'))} / "
-                f"{_ratio(get(name, 'up', 'cpu'), get(b, 'up', 'cpu'))}"
-            )
-        out.append("| " + " | ".join(cells) + " |")
+    out.extend(primary_table(agg, names))
+    ratios = ratio_table(agg, names)
+    if ratios:
+        out.append("\n" + RATIO_NOTE + "\n")
+        out.extend(ratios)
+    out.append("\n## Busiest process per transfer\n")
+    out.extend(busiest_table(meta, agg, names))
+    out.append("\n## Chains\n")
+    out.extend(chain_lines(meta, names))
     out.append(
-        "\nRatios: MB/s ratio above 1 = faster than the baseline; CPU ratio below 1 = fewer "
-        "CPU seconds per GiB. CPU counts every process of the chain (sshd = its listener and "
-        "session processes; worker = relay-worker itself, ssh = its ssh children), not the "
-        "client or the sink.\n"
+        f"\nRelays: shipped defaults but for the settings named above (exit allows only the "
+        "sink); sshd per chain, LogLevel "
+        f"DEBUG1 (to log the cipher); firewall idle timeout {meta['fw_idle_timeout']} s; "
+        "`tcp_tw_reuse=1` in the outside namespace. Raw data, configs and per-process CPU "
+        "in results.json; daemon logs in the work directory "
+        f"`{meta['workdir']}`.\n"
     )
-    out.append("## Busiest process per transfer\n")
-    out.append(
+    return "\n".join(out)
+
+
+def busiest_table(meta: dict[str, Any], agg: dict[str, Any], names: list[str]) -> list[str]:
+    """Which process limited each transfer: near 100 % of a core is a bottleneck."""
+    out = [
         "The chain's process with the most CPU during each transfer, in % of one core "
         f"(the machine has {meta['cpus']}); client and sink (same machine) for context. "
-        "Near 100% = that process is the bottleneck; otherwise the cores are shared out.\n"
-    )
-    out.append("| chain | direction | busiest process: % of a core per round | client % | sink % |")
-    out.append("|---|---|---|---|---|")
+        "Near 100% = that process is the bottleneck; otherwise the cores are shared out.\n",
+        "| chain | direction | busiest process: % of a core per round | client % | sink % |",
+        "|---|---|---|---|---|",
+    ]
     for name in names:
         for d in ("down", "up"):
             a = agg[name].get(d)
@@ -681,26 +875,27 @@ def summarize(meta: dict[str, Any], agg: dict[str, Any], failure: Optional[str])
                 f"| {name} | {d} | {busiest} | {a['client_core_pct']:.0f} | "
                 f"{a['sink_core_pct']:.0f} |"
             )
-    out.append("\n## Chains\n")
+    return out
+
+
+def chain_lines(meta: dict[str, Any], names: list[str]) -> list[str]:
+    """One line per chain: its path, negotiated ciphers and anything the relay logged."""
+    out = []
     for name in names:
-        info = meta["chain_info"].get(name, {})
+        info = meta.get("chain_info", {}).get(name, {})
         ciphers = ", ".join(info.get("ciphers", [])) or "-"
         line = f"- **{name}**: {info.get('description', '')}; negotiated cipher(s): {ciphers}"
         if info.get("ssh_logins"):
             line += f"; SSH logins during the run: {info['ssh_logins']}"
+            expected = WORKER_EXTRA.get(name, {}).get("ssh_connections", 1)
+            if info["ssh_logins"] < expected:
+                line += f" (**{expected} expected**: the figures may be of fewer connections)"
         events = {k: v for k, v in info.get("relay_events", {}).items() if v}
         if events:
             line += "; **worker logged " + ", ".join(f"{k} x{v}" for k, v in events.items())
             line += "** (see worker.log)"
         out.append(line)
-    out.append(
-        f"\nRelays: shipped defaults (exit allows only the sink); sshd per chain, LogLevel "
-        f"DEBUG1 (to log the cipher); firewall idle timeout {meta['fw_idle_timeout']} s; "
-        "`tcp_tw_reuse=1` in the outside namespace. Raw data, configs and per-process CPU "
-        "in results.json; daemon logs in the work directory "
-        f"`{meta['workdir']}`.\n"
-    )
-    return "\n".join(out)
+    return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -739,70 +934,14 @@ def _commit() -> str:
     return commit + (f"+dirty ({', '.join(dirty)})" if dirty else "")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="32 MiB transfers, 1 round, 20 latency samples (about a minute)",
-    )
-    parser.add_argument("--rounds", type=int, default=0, help="rounds (default 3, quick 1)")
-    parser.add_argument(
-        "--size-mib", type=int, default=0, help="MiB per transfer (default 200, quick 32)"
-    )
-    parser.add_argument(
-        "--latency-count",
-        type=int,
-        default=0,
-        help="setup latency samples per chain and round (default 50, quick 20)",
-    )
-    parser.add_argument(
-        "--chains",
-        default=",".join(ALL_CHAINS),
-        help=f"comma list of {', '.join(ALL_CHAINS)} (default: all)",
-    )
-    parser.add_argument(
-        "--fw-idle-timeout",
-        type=int,
-        default=300,
-        help="seconds the lab firewall keeps an idle connection",
-    )
-    parser.add_argument("--out", default="", help="results directory")
-    args = parser.parse_args()
-    names = [n.strip() for n in args.chains.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ALL_CHAINS]
-    if unknown or not names:
-        parser.error(f"unknown chain(s) {unknown}; choose from {', '.join(ALL_CHAINS)}")
-    names = [n for n in ALL_CHAINS if n in names]
-    if os.geteuid() != 0:
-        print("needs root (network namespaces, sshd, nftables, danted)", file=sys.stderr)
-        return 2
-    mode_name = "quick" if args.quick else "full"
-    mode = MODES[mode_name]
-    rounds = args.rounds or mode["rounds"]
-    size_mib = args.size_mib or mode["size_mib"]
-    latency_count = args.latency_count or mode["latency_count"]
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)
-    started = datetime.now(timezone.utc)
-    out_dir = (
-        Path(args.out)
-        if args.out
-        else RESULTS
-        / (started.strftime("%Y%m%d") + "-lab-chains" + ("-quick" if args.quick else ""))
-    )
-    workdir = Path(tempfile.mkdtemp(prefix="lab-chains-"))
-    meta: dict[str, Any] = {
+def lab_meta(
+    mode_name: str, params: dict[str, Any], names: list[str], command: str, workdir: Path
+) -> dict[str, Any]:
+    """What a reader needs to judge and repeat the lab figures: machine, versions, settings."""
+    return {
         "mode": mode_name,
-        "command": "cd "
-        + shlex.quote(str(REPO))
-        + " && "
-        + shlex.join([".venv/bin/python", "-m", "bench.lab_chains", *sys.argv[1:]])
-        + "  # as root",
-        "started": started.isoformat(timespec="seconds"),
+        "command": command,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "cpu_model": _cpu_model(),
@@ -812,18 +951,38 @@ def main() -> int:
         "dante": _version(["/usr/sbin/danted", "-v"]),
         "commit": _commit(),
         "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "size_mib": size_mib,
-        "rounds": rounds,
-        "latency_count": latency_count,
-        "fw_idle_timeout": args.fw_idle_timeout,
+        "size_mib": params["size_mib"],
+        "rounds": params["rounds"],
+        "latency_count": params["latency_count"],
+        "rate_seconds": params.get("rate_seconds", 0),
+        "rate_parallel": params.get("rate_parallel", 0),
+        "fw_idle_timeout": params.get("fw_idle_timeout", 300),
         "chains": names,
         "workdir": str(workdir),
     }
+
+
+def run_lab(
+    names: list[str],
+    params: dict[str, Any],
+    command: str,
+    mode_name: str = "full",
+    workdir: Optional[Path] = None,
+) -> dict[str, Any]:
+    """Build the lab, set up ``names``, measure them in rotated rounds, tear it all down.
+
+    Returns {"meta", "rounds", "medians"}; meta["failure"] says why a run stopped early (a
+    transfer that failed its checksum, a chain that opened no stream). Needs root. The work
+    directory (configs, daemon logs) is left in place: a new one under /tmp unless given."""
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="lab-chains-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    meta = lab_meta(mode_name, params, names, command, workdir)
     data: dict[str, Any] = {"meta": meta, "rounds": []}
-    bench = Bench(args, workdir)
+    bench = Bench(workdir, int(params.get("fw_idle_timeout", 300)))
     failure: Optional[str] = None
     t0 = time.monotonic()
-    log(f"work directory {workdir}")
+    log(f"namespace lab: work directory {workdir}")
     try:
         bench.start(names)
         meta["direct_note"] = bench.direct_note
@@ -833,7 +992,7 @@ def main() -> int:
             for n, c in bench.chains.items()
         }
         try:
-            bench.run(rounds, size_mib << 20, latency_count, data)
+            bench.run(params, data)
         except BenchFailure as exc:
             failure = str(exc)
         for n, c in bench.chains.items():
@@ -846,12 +1005,114 @@ def main() -> int:
     meta["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     meta["failure"] = failure
     data["medians"] = aggregate(data["rounds"], meta["chains"])
+    return data
+
+
+def write_lab(data: dict[str, Any], out_dir: Path) -> str:
+    """results.json and summary.md of a lab run into out_dir; returns the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(data, indent=1))
-    summary = summarize(meta, data["medians"], failure)
+    summary = summarize(data["meta"], data["medians"], data["meta"]["failure"])
     (out_dir / "summary.md").write_text(summary)
-    print(summary)
-    log(f"results in {out_dir} ({meta['seconds']:.0f} s); lab work directory {workdir}")
+    return summary
+
+
+def parse_chains(text: str, with_direct: bool = True) -> list[str]:
+    """A --chains value in the canonical order; ValueError names what is wrong."""
+    if not text:
+        return default_chains(with_direct)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ALL_CHAINS]
+    if unknown or not names:
+        raise ValueError(f"unknown chain(s) {unknown}; choose from {', '.join(ALL_CHAINS)}")
+    if TWO_SSH in names and not ssh_connections_supported():
+        raise ValueError(
+            f"{TWO_SSH} needs the worker option ssh_connections, which this tree's "
+            "relay/config/schema.py does not have"
+        )
+    return [n for n in ALL_CHAINS if n in names]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="32 MiB transfers, 1 round, 20 latency samples, 2 s of connection rate",
+    )
+    parser.add_argument("--rounds", type=int, default=0, help="rounds (default 3, quick 1)")
+    parser.add_argument(
+        "--size-mib", type=int, default=0, help="MiB per transfer (default 200, quick 32)"
+    )
+    parser.add_argument(
+        "--latency-count",
+        type=int,
+        default=0,
+        help="setup latency samples per chain and round (default 50, quick 20)",
+    )
+    parser.add_argument(
+        "--rate-seconds",
+        type=float,
+        default=None,
+        help="seconds of connection rate per chain and round (default 5, quick 2; 0 = skip)",
+    )
+    parser.add_argument(
+        "--rate-parallel",
+        type=int,
+        default=0,
+        help="concurrent client loops in the rate test (default 8, quick 4)",
+    )
+    parser.add_argument(
+        "--chains",
+        default="",
+        help=f"comma list of {', '.join(ALL_CHAINS)} (default: all; {TWO_SSH} only when the "
+        "worker has the option ssh_connections)",
+    )
+    parser.add_argument(
+        "--fw-idle-timeout",
+        type=int,
+        default=300,
+        help="seconds the lab firewall keeps an idle connection",
+    )
+    parser.add_argument("--out", default="", help="results directory")
+    args = parser.parse_args()
+    try:
+        names = parse_chains(args.chains)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if os.geteuid() != 0:
+        print("needs root (network namespaces, sshd, nftables, danted)", file=sys.stderr)
+        return 2
+    mode_name = "quick" if args.quick else "full"
+    params = dict(MODES[mode_name])
+    for key in ("rounds", "size_mib", "latency_count", "rate_parallel"):
+        params[key] = getattr(args, key) or params[key]
+    if args.rate_seconds is not None:
+        params["rate_seconds"] = args.rate_seconds
+    params["fw_idle_timeout"] = args.fw_idle_timeout
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    started = datetime.now(timezone.utc)
+    out_dir = (
+        Path(args.out)
+        if args.out
+        else RESULTS
+        / (started.strftime("%Y%m%d") + "-lab-chains" + ("-quick" if args.quick else ""))
+    )
+    command = (
+        "cd "
+        + shlex.quote(str(REPO))
+        + " && "
+        + shlex.join([".venv/bin/python", "-m", "bench.lab_chains", *sys.argv[1:]])
+        + "  # as root"
+    )
+    data = run_lab(names, params, command, mode_name)
+    print(write_lab(data, out_dir))
+    failure = data["meta"]["failure"]
+    log(f"results in {out_dir} ({data['meta']['seconds']:.0f} s)")
     if failure:
         log(f"FAILED: {failure}")
         return 1

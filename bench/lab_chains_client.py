@@ -21,6 +21,11 @@ sockets with kernel-autotuned buffers, 1 MiB ``recv_into`` chunks and a hashing 
                     N times, one after the other: TCP connect to the first hop, every SOCKS5
                     step, one byte to the echo port and its echo back, close. Samples are the
                     seconds from before connect() to the echoed byte: {"samples", "errors"}
+    rate --seconds T --parallel P
+                    P threads, each in a loop for T seconds: open a stream as for latency,
+                    echo one byte, close; the next at once. New streams per second over all
+                    loops: {"ok", "errors", "seconds", "per_second", "p50_ms", "p90_ms",
+                    "client_cpu"}
 
 Exit status: 0 when every transfer was complete and its digest matched, 3 on a digest or
 length mismatch, 1 on a connection error (the JSON line says which).
@@ -32,8 +37,10 @@ import argparse
 import json
 import resource
 import socket
+import statistics
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -186,9 +193,64 @@ def latency(args: argparse.Namespace) -> int:
     return 0 if samples and not errors else 1
 
 
+def rate(args: argparse.Namespace) -> int:
+    """Threads rather than processes: one interpreter's CPU is one figure to put next to the
+    chain's, and blocking socket calls release the GIL while they wait on the chain."""
+    samples: list[float] = []
+    errors: dict[str, int] = {}
+    lock = threading.Lock()
+    start = threading.Event()
+    end = [0.0]
+
+    def loop() -> None:
+        start.wait()
+        while time.perf_counter() < end[0]:
+            t0 = time.perf_counter()
+            try:
+                with open_chain(args.hop, args.host, args.port, timeout=args.timeout) as sock:
+                    sock.sendall(b"R")
+                    if _exactly(sock, 1) != b"R":
+                        raise ConnectionError("wrong echo")
+                took = time.perf_counter() - t0
+                with lock:
+                    samples.append(took)
+            except OSError as exc:
+                key = f"{type(exc).__name__}: {exc}"[:160]
+                with lock:
+                    errors[key] = errors.get(key, 0) + 1
+                time.sleep(0.01)
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(args.parallel)]
+    for t in threads:
+        t.start()
+    cpu0 = _cpu()
+    began = time.perf_counter()
+    end[0] = began + args.seconds
+    start.set()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - began
+    ordered = sorted(samples)
+    result = {
+        "mode": "rate",
+        "ok": len(samples),
+        "errors": errors,
+        "seconds": seconds,
+        "parallel": args.parallel,
+        "per_second": len(samples) / seconds if seconds > 0 else 0.0,
+        "p50_ms": statistics.median(ordered) * 1000 if ordered else None,
+        "p90_ms": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))] * 1000
+        if ordered
+        else None,
+        "client_cpu": _cpu() - cpu0,
+    }
+    print(json.dumps(result), flush=True)
+    return 0 if samples else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("mode", choices=("down", "up", "latency"))
+    parser.add_argument("mode", choices=("down", "up", "latency", "rate"))
     parser.add_argument(
         "--hop",
         type=parse_hop,
@@ -201,10 +263,14 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=200 << 20, help="bytes per transfer")
     parser.add_argument("--count", type=int, default=50, help="latency samples")
     parser.add_argument("--interval", type=float, default=0.02, help="pause between samples")
+    parser.add_argument("--seconds", type=float, default=5.0, help="rate: how long")
+    parser.add_argument("--parallel", type=int, default=8, help="rate: concurrent loops")
     parser.add_argument("--timeout", type=float, default=120.0, help="socket timeout, s")
     args = parser.parse_args()
     if args.mode == "latency":
         return latency(args)
+    if args.mode == "rate":
+        return rate(args)
     return bulk(args)
 
 

@@ -13,13 +13,14 @@ import argparse
 import os
 import statistics
 import time
+from typing import Any
 
 from relay.proto import seal
 from relay.proto import session as ms
 
 ADDRESS = b"\x01\x7f\x00\x00\x01\x25\x92"
 WRITE = 256 * 1024
-SESSION = {"misses": 3, "window": 4 * 1024 * 1024, "tombstone_ttl": 600.0}
+SESSION: dict[str, Any] = {"misses": 3, "window": 4 * 1024 * 1024, "tombstone_ttl": 600.0}
 """The daemons' defaults (relay.config.schema), as a session of either end gets them."""
 
 

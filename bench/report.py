@@ -326,18 +326,37 @@ def _mib(n: int) -> str:
 
 
 # -- markdown ----------------------------------------------------------------------------------
+def settings_of(results: dict[str, Any]) -> list[str]:
+    """The settings a run measured, in the order run (runs before the lab: loopback only)."""
+    meta = results["meta"]
+    return list(meta.get("settings") or ["loopback"])
+
+
 def markdown(
     results: dict[str, Any], fig: dict[str, Any], images: list[str], image_prefix: str = ""
 ) -> str:
     m = results["meta"]
+    settings = settings_of(results)
     L: list[str] = []
     L.append(f"### Run `{m['run_id']}`\n")
     L.append(
-        f"Command: `{m['command']}` (from the repository root; `make bench` = "
+        f"Command: `{m['command']}` (as root, from the repository root; `make bench` = "
         "`--full --update-docs`, `make bench-quick` = `--quick`). "
         f"Started {m['started']}, finished {m.get('finished', '?')}; load average "
         f"{' '.join(m['loadavg_start'])} at start, {' '.join(m.get('loadavg_end', ['?']))} at end "
         "(a shared machine: other work may have run meanwhile).\n"
+    )
+    if m.get("failure"):
+        L.append(f"**RUN FAILED: {m['failure']}**\n")
+    measured = (
+        "Settings, in the order run: " + "; ".join(SETTING_TITLES.get(s, s) for s in settings)
+        if "lab" in settings
+        else "Setting: loopback only (no namespace lab in this run)"
+    )
+    L.append(
+        f"{measured}. Machine: {m.get('nproc')} CPUs ({m.get('cpu')}), kernel "
+        f"{m.get('kernel')}, Python {m.get('python')}; every figure below names its setting. "
+        "Ratios compare chains measured in the same setting of this one run.\n"
     )
     L.append("| machine | |\n|---|---|")
     for key in (
@@ -361,6 +380,76 @@ def markdown(
     ):
         L.append(f"| {key} | {m.get(key)} |")
     L.append("")
+    if "lab" in settings or results.get("lab"):
+        L.extend(lab_section(results, image_prefix))
+    if "loopback" in settings:
+        L.extend(loopback_section(results, fig, images, image_prefix))
+    return "\n".join(L)
+
+
+SETTING_TITLES = {
+    "lab": "namespace lab (primary)",
+    "loopback": "loopback (second)",
+}
+
+
+def lab_section(results: dict[str, Any], image_prefix: str = "") -> list[str]:
+    """The primary table: the namespace lab's medians, ratios and how they were made."""
+    from bench import lab_chains
+
+    L = ["#### Namespace lab (primary setting)\n"]
+    lab = results.get("lab")
+    if not lab:
+        L.append("Not measured in this run.\n")
+        return L
+    lm, agg = lab["meta"], lab["medians"]
+    L.append(
+        f"Reproduce: `{lm['command']}` (as root, from the repository root). Compute node, "
+        "login node, firewall and outside in network namespaces joined by veth links: the "
+        "client runs in the worker namespace, each chain has its own sshd in the login "
+        "namespace, an nftables forwarding firewall passes only new login -> outside TCP to "
+        "ports 80/443, exits, dantes and the sink run in the outside namespace. "
+        f"{lm['cpus']} CPUs, kernel {lm['kernel']}, Python {lm['python']}, {lm['openssh']}, "
+        f"{lm['dante']}, relay {lm['commit']}; load average {lm['load_before']} before, "
+        f"{lm.get('load_after', '-')} after; {lm.get('seconds', '?')} s.\n"
+    )
+    L.append(lab_chains.method_note(lm) + "\n")
+    if lm.get("failure"):
+        L.append(f"**LAB FAILED: {lm['failure']}**\n")
+    names = [n for n in lm["chains"] if n in agg]
+    L.extend(lab_chains.primary_table(agg, names))
+    ratios = lab_chains.ratio_table(agg, names)
+    if ratios:
+        L.append("\n" + lab_chains.RATIO_NOTE + "\n")
+        L.extend(ratios)
+    L.append("\nChains:\n")
+    L.extend(lab_chains.chain_lines(lm, names))
+    L.append(
+        f"\nThe busiest process of each transfer: [lab/summary.md]({image_prefix}lab/summary.md);"
+        " configurations and every sample: results.json of the run.\n"
+    )
+    return L
+
+
+def loopback_section(
+    results: dict[str, Any], fig: dict[str, Any], images: list[str], image_prefix: str = ""
+) -> list[str]:
+    """The second table: every chain on 127.0.0.1 (bench.chains)."""
+    m = results["meta"]
+    L = ["#### Loopback (second setting)\n"]
+    reproduce = m.get("setting_commands", {}).get("loopback")
+    how = (
+        f"Reproduce: `{reproduce}` (as root, from the repository root)."
+        if reproduce
+        else f"Measured by `{m['command']}`, from before the namespace lab was part of "
+        "`python -m bench`; today `--settings loopback` added to it measures this setting alone."
+    )
+    L.append(
+        f"{how} Every chain on "
+        "127.0.0.1: no NIC, no firewall, one kernel's TCP stack at both ends, which flatters a "
+        "Python relay against OpenSSH and dante. Figures are medians over interleaved runs "
+        "(every chain once per repetition, A B C A B C ...).\n"
+    )
     L.append(
         "Chains (each with its own sshd and exit, all on 127.0.0.1, all set up and measured in "
         "this one run, interleaved A B C A B C ...):\n"
@@ -374,7 +463,7 @@ def markdown(
     if fig["bulk"]:
         size = results["bulk"]["size"]
         L.append(
-            f"#### Bulk throughput ({_mib(size)} per transfer, sha256 checked, "
+            f"##### Bulk throughput ({_mib(size)} per transfer, sha256 checked, "
             f"{m['params']['bulk_reps']} runs per chain and direction)\n"
         )
         L.append(
@@ -424,7 +513,7 @@ def markdown(
     ):
         if not fig[key]:
             continue
-        L.append(f"#### {title}\n")
+        L.append(f"##### {title}\n")
         if key == "wan":
             L.append(
                 "A user-space forwarder (`bench/delay.py`) holds every chunk 5 ms each way on "
@@ -453,7 +542,7 @@ def markdown(
     if fig["rate"]:
         p = m["params"]
         L.append(
-            f"#### New-connection rate\n\n{p['rate_procs']} client processes, each opening "
+            f"##### New-connection rate\n\n{p['rate_procs']} client processes, each opening "
             "a connection, echoing 1 byte and closing, back to back, for "
             f"{p['rate_seconds']:g} s; {p['rate_rounds']} round(s).\n"
         )
@@ -470,7 +559,7 @@ def markdown(
         L.append("")
     if fig["idle"]:
         hb = m["params"].get("relay_worker_config", {}).get("heartbeat", "25 (default)")
-        L.append("#### Concurrent idle streams\n")
+        L.append("##### Concurrent idle streams\n")
         L.append(
             "Streams opened through one chain by an asyncio SOCKS5 client (the same bytes "
             "proxychains sends; every stream proven by a 1-byte echo), then left idle. Memory "
@@ -503,14 +592,14 @@ def markdown(
         L.append(f"\nIdle window: {m['params']['idle_window']:g} s.\n")
     r = fig["ratios"]
     if any(not math.isnan(v) for v in r.values()):
-        L.append("#### Ratios (same run)\n")
+        L.append("##### Ratios (same run, loopback)\n")
         L.append("| ratio | value |\n|---|---|")
         for k, v in r.items():
             if not math.isnan(v):
                 L.append(f"| {k.replace('_', ' ')} | {v:.2f} |")
         L.append("")
     if fig["goals"]:
-        L.append("#### Goals of issue 5\n")
+        L.append("##### Goals of issue 5\n")
         L.append("| goal | target | measured | met |\n|---|---|---|---|")
         for g in fig["goals"]:
             value = "-" if math.isnan(g["value"]) else f"{g['value']:.2f}{g['unit']}"
@@ -523,7 +612,7 @@ def markdown(
         L.append(f"![{img}]({image_prefix}{img})\n")
     if results.get("skipped"):
         L.append(f"Skipped (time budget): {', '.join(results['skipped'])}\n")
-    return "\n".join(L)
+    return L
 
 
 def write(results: dict[str, Any], out: Path) -> Path:

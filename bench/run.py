@@ -1,10 +1,27 @@
-"""The bench: every chain set up on loopback, measured side by side in one run, interleaved.
+"""The bench: the relay next to the chain it replaces, in two settings, one after the other.
 
-    python -m bench --quick            # about a minute, small sizes (make bench-quick)
-    python -m bench --full --update-docs   # 1 GiB transfers, >= 500 connections (make bench)
+    python -m bench --quick                # a few minutes, small sizes (make bench-quick)
+    python -m bench --full --update-docs   # the full run (make bench)
 
-Results go to ``bench/results/<UTC time>-<mode>/``: ``results.json`` (every raw sample),
-``summary.md`` and PNG plots; ``--update-docs`` also puts the summary into
+1. The namespace lab (primary; bench/lab_chains.py): compute node, login node with a real sshd,
+   nftables firewall and outside in network namespaces joined by veth links. Chains: relay
+   (openssh client), relay (asyncssh client), relay with ssh_connections = 2 (when the worker
+   has that option), old chain (ssh -D + danted, default cipher), old chain with aes128-gcm.
+   Per chain: download and upload MB/s, CPU seconds per GiB over all the chain's processes
+   and per process, setup latency p50/p90, new streams per second from concurrent client
+   loops. Every chain is measured in every round, the order rotated from round to round;
+   the figures are medians over rounds.
+2. Loopback (second): every chain on 127.0.0.1, also pproxy and direct: bulk, setup latency,
+   setup under an emulated WAN, connection rate, idle streams. Loopback flatters a Python
+   relay (no NIC, no firewall, one kernel's TCP stack on both ends), so its table comes second.
+
+Every transfer is SHA-256 checked end to end; a mismatch fails the run (exit status 1, docs
+left as they were). Needs root (namespaces, nftables, sshd) and the Debian packages of
+bench/install-debs.
+
+Results go to ``bench/results/<UTC time>-<mode>/``: ``results.json`` (every raw sample of both
+settings), ``summary.md`` (both tables, the lab first), ``lab/summary.md`` (the lab in detail)
+and PNG plots of the loopback figures; ``--update-docs`` also puts the summary into
 docs/PERFORMANCE.md between its ``bench:begin``/``bench:end`` markers.
 """
 
@@ -15,6 +32,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -26,9 +44,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
-from bench import procstat
+from bench import lab_chains, procstat
 from bench.chains import REPO, Bench, Chain
 from bench.common import expected_digest, free_port
+from bench.lab_chains import BenchFailure
 
 RESULTS = REPO / "bench" / "results"
 
@@ -47,6 +66,12 @@ MODES: dict[str, dict[str, Any]] = {
         "idle_window": 5.0,
         "relay_worker_config": {},
         "relay_exit_config": {},
+        # the namespace lab (bench.lab_chains)
+        "lab_size_mib": 64,
+        "lab_rounds": 1,
+        "lab_latency_count": 20,
+        "lab_rate_seconds": 2.0,
+        "lab_rate_parallel": 4,
     },
     "full": {
         "bulk_size": 1 << 30,
@@ -65,10 +90,16 @@ MODES: dict[str, dict[str, Any]] = {
         # extra keys for the relay's TOML files, e.g. {"heartbeat": 300}, for experiments
         "relay_worker_config": {},
         "relay_exit_config": {},
+        "lab_size_mib": 256,
+        "lab_rounds": 5,
+        "lab_latency_count": 50,
+        "lab_rate_seconds": 5.0,
+        "lab_rate_parallel": 8,
     },
 }
 
 CHAINS = ("direct", "old-chain", "old-chain-gcm", "relay", "pproxy")
+SETTINGS = ("lab", "loopback")
 
 
 def log(msg: str) -> None:
@@ -196,6 +227,12 @@ class Runner:
                         f"{run['mb_s']:7.0f} MB/s  chain CPU {run['cpu_per_gib']:.2f} s/GiB"
                         f"{'' if run['ok'] else '  CHECKSUM/LENGTH MISMATCH'}"
                     )
+                    if not run["ok"]:
+                        self.results["bulk"] = {"size": size, "sha256": digest, "runs": res}
+                        raise BenchFailure(
+                            f"loopback {chain.name} {direction} {size} bytes FAILED the "
+                            "end-to-end check (SHA-256 or length)"
+                        )
         self.results["bulk"] = {"size": size, "sha256": digest, "runs": res}
 
     def iperf(self, size: int, direction: str) -> dict[str, Any]:
@@ -438,90 +475,67 @@ def relay_source(rev: Optional[str], workdir: Path) -> Optional[str]:
     return str(target)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def mode_help(mode: str) -> str:
+    """A mode's sizes in words, from MODES, for --help."""
+    p = MODES[mode]
+    return (
+        f"lab: {p['lab_size_mib']} MiB per transfer, {p['lab_rounds']} round(s), "
+        f"{p['lab_latency_count']} setup samples per chain and round, connection rate "
+        f"{p['lab_rate_parallel']} loops x {p['lab_rate_seconds']:g} s; loopback: "
+        f"{p['bulk_size'] >> 20} MiB x {p['bulk_reps']} transfers, {p['lat_count']} setups, "
+        f"{p['wan_count']} under the emulated WAN, rate {p['rate_procs']} processes x "
+        f"{p['rate_seconds']:g} s x {p['rate_rounds']}, idle streams "
+        + ", ".join(f"{k} {v:,}" for k, v in p["idle"].items())
     )
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_const", dest="mode", const="quick")
-    mode.add_argument("--full", action="store_const", dest="mode", const="full")
-    parser.add_argument(
-        "--only",
-        default="latency,wan,bulk,rate,idle",
-        help="comma-separated steps (latency, wan, bulk, rate, idle)",
-    )
-    parser.add_argument("--chains", default=",".join(CHAINS), help="comma-separated chains")
-    parser.add_argument(
-        "--relay-rev",
-        default=None,
-        help="measure the relay as committed at this git revision (git archive), or"
-        " dir:PATH for a directory that holds a relay package, instead of the work tree",
-    )
-    parser.add_argument(
-        "--max-minutes",
-        type=float,
-        default=40.0,
-        help="time budget; steps left when it is spent are skipped and listed",
-    )
-    parser.add_argument("--out", type=Path, default=None, help="results directory")
-    parser.add_argument(
-        "--update-docs", action="store_true", help="put the summary into docs/PERFORMANCE.md"
-    )
-    parser.add_argument("--keep-workdir", action="store_true")
-    parser.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        metavar="NAME=SOURCE",
-        help="also measure relay-NAME, the relay from SOURCE (a git revision or dir:PATH), "
-        "interleaved with the others, e.g. to try a fast-path change against the baseline",
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=JSON",
-        help="override a mode parameter, e.g. --set bulk_reps=3 --set 'idle={\"relay\": 1000}'",
-    )
-    args = parser.parse_args(argv)
-    args.mode = args.mode or "quick"
-    params = dict(MODES[args.mode])
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in params:
-            parser.error(f"--set: unknown parameter {key!r} (known: {', '.join(params)})")
-        params[key] = json.loads(value)
-    steps = [s.strip() for s in args.only.split(",") if s.strip()]
-    wanted = [c.strip() for c in args.chains.split(",") if c.strip()]
 
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if shutil.which("iperf3") is None or not Path("/usr/sbin/danted").exists():
-        print("bench: needs the Debian packages in bench/install-debs", file=sys.stderr)
-        return 2
-    started = datetime.now(timezone.utc)
-    run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + args.mode
-    out = args.out or RESULTS / run_id
-    out.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="hrbench-"))
-    command = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    meta = machine(args.relay_rev)
-    meta["variants"] = [
-        f"{v.partition('=')[0]}={describe_source(v.partition('=')[2])}" for v in args.variant
-    ]
-    meta.update(
-        {
-            "run_id": run_id,
-            "mode": args.mode,
-            "params": params,
-            "command": command,
-            "started": started.isoformat(timespec="seconds"),
-            "steps": steps,
-        }
-    )
-    log(f"{run_id}: {command}; work dir {workdir}")
+
+def python_cmd() -> str:
+    """The interpreter as a reader would type it from the repository root."""
+    exe = Path(sys.executable)
+    try:
+        return str(exe.relative_to(REPO))
+    except ValueError:
+        return str(exe)
+
+
+def setting_command(argv: list[str], setting: str) -> str:
+    """The command that measures only ``setting`` the way ``argv`` did (same mode, chains and
+    overrides), without writing docs or into the same results directory."""
+    keep: list[str] = []
+    skip_next = False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+            continue
+        if arg in ("--settings", "--out"):
+            skip_next = True
+            continue
+        if arg.startswith(("--settings=", "--out=")) or arg in ("--update-docs", "--keep-workdir"):
+            continue
+        keep.append(arg)
+    return shlex.join([python_cmd(), "-m", "bench", *keep, "--settings", setting])
+
+
+def lab_params(params: dict[str, Any]) -> dict[str, Any]:
+    """bench.lab_chains' parameters from this mode's ``lab_*`` keys."""
+    return {
+        "size_mib": params["lab_size_mib"],
+        "rounds": params["lab_rounds"],
+        "latency_count": params["lab_latency_count"],
+        "rate_seconds": params["lab_rate_seconds"],
+        "rate_parallel": params["lab_rate_parallel"],
+    }
+
+
+def run_loopback(
+    args: argparse.Namespace,
+    params: dict[str, Any],
+    steps: list[str],
+    wanted: list[str],
+    results: dict[str, Any],
+    workdir: Path,
+) -> Optional[str]:
+    """The loopback setting (bench.chains) into results; returns why it failed, if it did."""
     bench = Bench(
         workdir,
         relay_source(args.relay_rev, workdir),
@@ -529,7 +543,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         exit_config=params["relay_exit_config"],
     )
     runner = Runner(bench, params, time.monotonic() + args.max_minutes * 60)
-    results: dict[str, Any] = {"meta": meta}
+    failure: Optional[str] = None
     try:
         bench.start_sink()
         for name in wanted:
@@ -554,7 +568,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             n: {"description": c.description, "roles": list(c.roles)}
             for n, c in bench.chains.items()
         }
-        log("chains up: " + ", ".join(bench.chains))
+        log("loopback chains up: " + ", ".join(bench.chains))
         for step in steps:
             if step == "latency":
                 runner.latency(wan=False)
@@ -567,11 +581,188 @@ def main(argv: Optional[list[str]] = None) -> int:
             elif step == "idle":
                 runner.idle()
             results.update(runner.results)
+    except BenchFailure as exc:
+        failure = str(exc)
     finally:
         bench.close()
+        results.update(runner.results)
+    return failure
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--quick",
+        action="store_const",
+        dest="mode",
+        const="quick",
+        help="the default (make bench-quick, a few minutes): " + mode_help("quick"),
+    )
+    mode.add_argument(
+        "--full",
+        action="store_const",
+        dest="mode",
+        const="full",
+        help="make bench: " + mode_help("full"),
+    )
+    parser.add_argument(
+        "--settings",
+        default=",".join(SETTINGS),
+        help="comma list, in the order run: lab (the namespace lab, the primary table) and "
+        "loopback (default: lab,loopback)",
+    )
+    parser.add_argument(
+        "--lab-chains",
+        default="",
+        help="comma list of lab chains: "
+        + ", ".join(c for c in lab_chains.ALL_CHAINS)
+        + f" (default: all but direct; {lab_chains.TWO_SSH} only when the worker has the "
+        "option ssh_connections). The lab always measures the relay of the work tree",
+    )
+    parser.add_argument(
+        "--only",
+        default="latency,wan,bulk,rate,idle",
+        help="loopback: comma-separated steps (latency, wan, bulk, rate, idle)",
+    )
+    parser.add_argument(
+        "--chains", default=",".join(CHAINS), help="loopback: comma-separated chains"
+    )
+    parser.add_argument(
+        "--relay-rev",
+        default=None,
+        help="loopback: measure the relay as committed at this git revision (git archive), or"
+        " dir:PATH for a directory that holds a relay package, instead of the work tree (the"
+        " lab always measures the work tree)",
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=40.0,
+        help="loopback time budget; steps left when it is spent are skipped and listed",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="results directory")
+    parser.add_argument(
+        "--update-docs",
+        action="store_true",
+        help="put the summary into docs/PERFORMANCE.md (not after a failed run)",
+    )
+    parser.add_argument(
+        "--keep-workdir",
+        action="store_true",
+        help="keep the work directory (configs, daemon logs of both settings) under /tmp",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
+        help="loopback: also measure relay-NAME, the relay from SOURCE (a git revision or "
+        "dir:PATH), interleaved with the others, e.g. to try a fast-path change against the "
+        "baseline",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override a mode parameter, e.g. --set lab_rounds=3 --set bulk_reps=3 "
+        "--set 'idle={\"relay\": 1000}' (keys: " + ", ".join(MODES["quick"]) + ")",
+    )
+    args = parser.parse_args(argv)
+    args.mode = args.mode or "quick"
+    params = dict(MODES[args.mode])
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in params:
+            parser.error(f"--set: unknown parameter {key!r} (known: {', '.join(params)})")
+        params[key] = json.loads(value)
+    steps = [s.strip() for s in args.only.split(",") if s.strip()]
+    wanted = [c.strip() for c in args.chains.split(",") if c.strip()]
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    if not settings or any(s not in SETTINGS for s in settings):
+        parser.error(f"--settings: choose from {', '.join(SETTINGS)}")
+    try:
+        lab_names = lab_chains.parse_chains(args.lab_chains, with_direct=False)
+    except ValueError as exc:
+        parser.error(f"--lab-chains: {exc}")
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if "loopback" in settings and (
+        shutil.which("iperf3") is None or not Path("/usr/sbin/danted").exists()
+    ):
+        print("bench: needs the Debian packages in bench/install-debs", file=sys.stderr)
+        return 2
+    if "lab" in settings:
+        from tests.support.netns import netns_works
+
+        why = netns_works()
+        if why:
+            print(
+                f"bench: the namespace lab cannot run here: {why}; `--settings loopback` "
+                "measures the loopback setting only",
+                file=sys.stderr,
+            )
+            return 2
+    started = datetime.now(timezone.utc)
+    run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + args.mode
+    out = args.out or RESULTS / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="hrbench-"))
+    raw_argv = sys.argv[1:] if argv is None else argv
+    command = shlex.join([python_cmd(), "-m", "bench", *raw_argv])
+    meta = machine(args.relay_rev)
+    meta["variants"] = [
+        f"{v.partition('=')[0]}={describe_source(v.partition('=')[2])}" for v in args.variant
+    ]
+    meta.update(
+        {
+            "run_id": run_id,
+            "mode": args.mode,
+            "params": params,
+            "command": command,
+            "setting_commands": {s: setting_command(raw_argv, s) for s in settings},
+            "settings": settings,
+            "started": started.isoformat(timespec="seconds"),
+            "steps": steps if "loopback" in settings else [],
+        }
+    )
+    log(f"{run_id}: {command}; work dir {workdir}")
+    results: dict[str, Any] = {"meta": meta}
+    failure: Optional[str] = None
+    try:
+        for setting in settings:
+            if setting == "lab":
+                log(f"namespace lab: {', '.join(lab_names)}")
+                lab = lab_chains.run_lab(
+                    lab_names,
+                    lab_params(params),
+                    meta["setting_commands"]["lab"],
+                    args.mode,
+                    workdir / "lab",
+                )
+                if not args.keep_workdir:
+                    lab["meta"]["workdir"] += " (removed after the run; --keep-workdir keeps it)"
+                results["lab"] = lab
+                (out / "lab").mkdir(exist_ok=True)
+                (out / "lab" / "summary.md").write_text(
+                    lab_chains.summarize(lab["meta"], lab["medians"], lab["meta"]["failure"])
+                )
+                failure = lab["meta"]["failure"]
+            else:
+                log("loopback")
+                failure = run_loopback(args, params, steps, wanted, results, workdir)
+            if failure:
+                break
+    finally:
         meta["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         meta["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
-        results.update(runner.results)
+        meta["failure"] = failure
         (out / "results.json").write_text(json.dumps(results, indent=1))
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -579,6 +770,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     summary = report.write(results, out)
     log(f"results: {out / 'results.json'}; summary: {summary}")
+    if failure:
+        log(f"FAILED: {failure}")
+        return 1
     if args.update_docs:
         report.update_docs(out)
         log("docs/PERFORMANCE.md updated")

@@ -449,6 +449,19 @@ WORKER_OPTIONS: tuple[Option, ...] = (
         min=0,
         min_exclusive=True,
     ),
+    Option(
+        "ssh-connections",
+        "int",
+        1,
+        "SSH connections kept to the login nodes; carrier k of each exit rides connection"
+        " k mod N, so with N = --carriers each carrier has its own. Worth raising for bulk"
+        " transfer, when one sshd process on the login node (or one ssh here) doing all the"
+        " crypto is the limit; many small streams gain nothing. It costs N logins per login"
+        " node at start (all within --ssh-connect-rate), N sshd processes on the login node"
+        " and N ssh processes on this node (--ssh-client openssh)",
+        metavar="N",
+        min=1,
+    ),
     _seconds(
         "resume-timeout",
         _RESUME_TIMEOUT,

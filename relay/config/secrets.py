@@ -131,6 +131,7 @@ def load_keys(path: Path, what: str = "--keys") -> dict[str, bytes]:
             raise ConfigError(
                 f"{where}: secret is shorter than {MIN_SECRET_BYTES} bytes (got {len(secret)})"
             )
+        _check_characters(secret, where)
         if key_id in keys:
             raise ConfigError(
                 f"{where}: duplicate key id {key_id!r} (first on line {first_line[key_id]})"
@@ -158,7 +159,16 @@ def load_secret(path: Path, what: str = "--secret-file") -> bytes:
             f"{what}: {path}: secret contains whitespace (the file must hold the secret only,"
             " not 'KEY_ID SECRET')"
         )
+    _check_characters(secret, f"{what}: {path}")
     return secret
+
+
+def _check_characters(secret: bytes, where: str) -> None:
+    """Refuse control characters: HMAC pads a key with NUL bytes, so secrets differing
+    only in trailing NULs would be one key, and no editor shows the difference."""
+    for byte in secret:
+        if byte < 0x20 or byte == 0x7F:
+            raise ConfigError(f"{where}: secret contains a control character (byte {byte:#04x})")
 
 
 def load_userpass(path: Path, what: str = "--socks-auth") -> tuple[str, str]:

@@ -1,10 +1,11 @@
 """The SSH hop run by the site's own OpenSSH client (``--ssh-client openssh``).
 
-One ``ssh -N`` process per login connection forwards a private Unix socket to each exit
-(``-L PATH:EXIT``). A carrier is a connection to that socket: ssh opens a direct-tcpip channel
-for it, so the SSH crypto runs in C, and the user's ``~/.ssh/config`` (ProxyJump, certificates,
-GSSAPI, per-host options) applies as it does to any ``ssh`` they type. The process is one
-login, like asyncssh's one connection, and counts against the same login budget.
+One ``ssh -N`` process per login connection (per slot of the hop) forwards a private Unix
+socket to each exit (``-L PATH:EXIT``), in a directory of its own. A carrier is a connection
+to that socket: ssh opens a direct-tcpip channel for it, so the SSH crypto runs in C, and the
+user's ``~/.ssh/config`` (ProxyJump, certificates, GSSAPI, per-host options) applies as it
+does to any ``ssh`` they type. The process is one login, like one asyncssh connection, and
+counts against the same login budget.
 """
 
 from __future__ import annotations
@@ -159,8 +160,10 @@ class OpenSshConnection:
         workdir: Path,
         sockets: dict[tuple[str, int], str],
         ports: dict[tuple[str, int], int],
+        slot: int = 0,
     ) -> None:
         self.proc = proc
+        self.slot = slot
         self.workdir = workdir
         self.sockets = sockets
         self.ports = ports
@@ -190,14 +193,17 @@ class OpenSshConnection:
         connect_timeout: float = 15.0,
         config: Optional[Path] = None,
         program: str = PROGRAM,
+        slot: int = 0,
     ) -> OpenSshConnection:
         """Start ssh and return once every forward listens; :class:`OpenSshError` if ssh
         exits first (its cause from stderr), :class:`asyncio.TimeoutError` if it hangs.
 
         ``targets`` get a Unix socket each (carriers); ``tcp_targets`` a loopback port (for
-        clients that need a TCP address, like the SOCKS5 upstream).
+        clients that need a TCP address, like the SOCKS5 upstream). Each process has a
+        fresh private directory for its sockets, so the hop's slots never share a path;
+        ``slot`` names the process's slot in that directory's name and in its log lines.
         """
-        workdir = Path(tempfile.mkdtemp(prefix="relay-ssh-", dir=_socket_dir()))
+        workdir = Path(tempfile.mkdtemp(prefix=f"relay-ssh{slot}-", dir=_socket_dir()))
         sockets = {t: str(workdir / str(i)) for i, t in enumerate(dict.fromkeys(targets))}
         ports = {t: _free_loopback_port() for t in dict.fromkeys(tcp_targets)}
         specs = [f"{path}:{format_hostport(*t)}" for t, path in sockets.items()]
@@ -226,7 +232,7 @@ class OpenSshConnection:
         except OSError as exc:
             shutil.rmtree(workdir, ignore_errors=True)
             raise OpenSshError("missing", f"cannot run {program}: {exc.strerror or exc}") from exc
-        conn = cls(proc, workdir, sockets, ports)
+        conn = cls(proc, workdir, sockets, ports, slot)
         conn._watch()
         try:
             await asyncio.wait_for(conn._forwards_up(), connect_timeout + 1)
@@ -262,7 +268,8 @@ class OpenSshConnection:
             if line:
                 self.stderr.append((time.monotonic(), line))
                 self._line.set()
-                log.info("ssh: %s", line, extra={"fields": {"pid": self.proc.pid}})
+                fields = {"pid": self.proc.pid, "slot": self.slot}
+                log.info("ssh: %s", line, extra={"fields": fields})
 
     async def _reap(self) -> None:
         try:

@@ -1,9 +1,13 @@
-"""The SSH hop: one long-lived connection to a login node, shared by every carrier.
+"""The SSH hop: a few long-lived connections ("slots") to the login nodes, shared by every
+carrier; one slot unless ``--ssh-connections`` asks for more.
 
-The connection is asyncssh's (in-process) or an ``ssh`` process (relay.openssh).
+Each connection is asyncssh's (in-process) or an ``ssh`` process (relay.openssh). More than
+one lets several sshd processes on the login node (and ssh processes on the node) share the
+crypto of bulk traffic: carrier k of an exit rides slot k mod N (:func:`slot_for`).
 
-JSC treats bursts of ssh logins as an intrusion, so the worker keeps one connection open,
-tries the login nodes in failover order, and never hammers them when they fail.
+JSC treats bursts of ssh logins as an intrusion, so the worker keeps its connections open,
+tries the login nodes in failover order, and never hammers them when they fail: every login
+of every slot takes a token of the same per-login-node :class:`ConnectBudget`.
 """
 
 from __future__ import annotations
@@ -165,7 +169,8 @@ class ConnectBudget:
     """Token bucket: at most ``per_minute`` new SSH connections to one login node.
 
     JSC blocks hosts that log in too often, so this holds even when every stream of a
-    worker wants its carrier back at the same moment.
+    worker wants its carrier back at the same moment, and the hop's slots share one bucket
+    per login node: N connections cost N tokens, never N budgets.
     """
 
     def __init__(self, per_minute: float, now: float) -> None:
@@ -184,9 +189,40 @@ class ConnectBudget:
         return (1.0 - self.tokens) / self.rate if self.rate > 0 else float("inf")
 
 
+def slot_for(place: int, connections: int) -> int:
+    """The slot an exit's carrier at ``place`` (0 to --carriers - 1) rides: round robin, so
+    that with as many SSH connections as carriers each carrier has a connection (an sshd and
+    an ssh) of its own."""
+    return place % max(1, connections)
+
+
+class Slot:
+    """One SSH connection of the hop, with its own failover state: the login node it uses,
+    where it starts looking after a loss, and its hold after every node failed. A slot that
+    dies logs in again when a carrier asks for it; the other slots go on untouched."""
+
+    lock = LoopBound(asyncio.Lock)
+    """One connection attempt at a time in this slot (made in the running loop: see
+    relay.loopbound): every carrier that needs it waits for that attempt."""
+
+    def __init__(self, index: int, retry_after: float) -> None:
+        self.index = index
+        self.conn: Optional[Connection] = None
+        self.current: Optional[Login] = None
+        self.preferred = 0
+        self.hold = Backoff(retry_after, factor=1.0)
+        """After every login node failed, no new attempt for this long (the last error is
+        raised again instead); the connection budgets limit the rate besides."""
+        self.held_for = 0.0
+        self.last_failure = -1e9
+        self.last_error: Optional[SshUnavailable] = None
+        self.watcher: Optional[asyncio.Future[None]] = None
+
+
 class SshHop:
-    _lock = LoopBound(asyncio.Lock)
-    """One connection attempt at a time (made in the running loop: see relay.loopbound)."""
+    """The worker's way through the login nodes: ``connections`` slots, each an SSH
+    connection of its own that fails over and reconnects alone, and one login budget per
+    login node that all slots draw on."""
 
     def __init__(
         self,
@@ -203,10 +239,13 @@ class SshHop:
         targets: Sequence[tuple[str, int]] = (),
         tcp_targets: Sequence[tuple[str, int]] = (),
         ssh_config: Optional[Path] = None,
+        connections: int = 1,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``client`` is "asyncssh" (in-process) or "openssh" (the ``ssh`` program, see
         relay.openssh), which forwards only ``targets`` (Unix sockets, for carriers) and
-        ``tcp_targets`` (loopback ports)."""
+        ``tcp_targets`` (loopback ports). ``connections`` is the number of slots; ``clock``
+        (seconds, monotonic) paces the budgets and holds."""
         if not logins:
             raise ValueError("at least one login node")
         self.logins = list(logins)
@@ -216,96 +255,108 @@ class SshHop:
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
         self.retry_after = retry_after
-        self._hold = Backoff(retry_after, factor=1.0)
-        """After every login node failed, no new attempt for this long (the last error is
-        raised again instead); the connection budgets limit the rate besides."""
-        self._held_for = 0.0
         self.client = client
         self.targets = list(targets)
         self.tcp_targets = list(tcp_targets)
         self.ssh_config = ssh_config
-        now = time.monotonic()
+        self._clock = clock
+        now = clock()
         self._budgets = [ConnectBudget(connects_per_minute, now) for _ in self.logins]
-        self._preferred = 0
-        self._conn: Optional[Connection] = None
-        self.current: Optional[Login] = None
-        self._last_failure = -1e9
-        self._last_error: Optional[SshUnavailable] = None
+        """One per login node, shared by every slot: the cap holds for the worker."""
+        self.slots = [Slot(index, retry_after) for index in range(max(1, connections))]
         self._closed = False
-        self._watcher: Optional[asyncio.Future[None]] = None
+
+    @property
+    def connections(self) -> int:
+        """How many slots (SSH connections at most) the hop keeps."""
+        return len(self.slots)
 
     @property
     def connected(self) -> bool:
-        return self._conn is not None
+        """At least one slot has its connection up."""
+        return any(slot.conn is not None for slot in self.slots)
 
-    async def connection(self) -> Connection:
-        """The live connection, opening one if there is none.
+    @property
+    def current(self) -> Optional[Login]:
+        """The login node of the first slot that is up (None while none is)."""
+        return next((slot.current for slot in self.slots if slot.conn is not None), None)
 
-        Login nodes are tried in failover order starting with the one that worked last;
-        each within its connection budget. One attempt runs at a time: every stream that
-        needs the connection waits for that attempt instead of starting its own.
+    def slot_connected(self, slot: int) -> bool:
+        return self.slots[slot % len(self.slots)].conn is not None
+
+    async def connection(self, slot: int = 0) -> Connection:
+        """The live connection of ``slot``, opening one if there is none.
+
+        Login nodes are tried in failover order starting with the one that worked last for
+        this slot; each within its connection budget. One attempt runs at a time per slot:
+        every carrier that needs the connection waits for that attempt instead of starting
+        its own.
         """
-        if self._conn is not None:
-            return self._conn
-        async with self._lock:
-            if self._conn is not None:
-                return self._conn
+        state = self.slots[slot % len(self.slots)]
+        if state.conn is not None:
+            return state.conn
+        async with state.lock:
+            if state.conn is not None:
+                return state.conn
             if self._closed:
                 raise SshUnavailable("worker is stopping")
-            if self._last_error is not None and (
-                time.monotonic() - self._last_failure < self._held_for
+            if state.last_error is not None and (
+                self._clock() - state.last_failure < state.held_for
             ):
-                raise self._last_error
-            errors, waits = [], []
-            final = 0
-            count = len(self.logins)
-            for step in range(count):
-                index = (self._preferred + step) % count
-                login = self.logins[index]
-                wait = self._budgets[index].take(time.monotonic())
-                if wait > 0:
-                    self.metrics.ssh_connects.labels(str(login), "rate-limited").inc()
-                    errors.append(f"{login}: connection rate limit, next try in {wait:.0f}s")
-                    waits.append(wait)
-                    continue
-                try:
-                    conn = await self._connect(login)
-                except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
-                    why = explain(exc)
-                    final += is_final(exc)
-                    self.metrics.ssh_connects.labels(str(login), "failed").inc()
-                    log.warning(
-                        "SSH to login node failed",
-                        extra={"fields": {"login": str(login), "why": why}},
-                    )
-                    errors.append(f"{login}: {why}")
-                    continue
-                self.metrics.ssh_connects.labels(str(login), "ok").inc()
-                self.metrics.ssh_active.inc()
-                self._conn = conn
-                self.current = login
-                self._preferred = index
-                self._last_error = None
-                self._hold.reset()
-                log.info("SSH connected", extra={"fields": {"login": str(login)}})
-                return conn
-            self._preferred = (self._preferred + 1) % count
-            self._last_failure = time.monotonic()
-            self._held_for = self._hold.next()
-            self._last_error = SshUnavailable(
-                "; ".join(errors), min(waits) if len(waits) == count else 0.0, final == count
-            )
-            raise self._last_error
+                raise state.last_error
+            return await self._login(state)
+
+    async def _login(self, state: Slot) -> Connection:
+        errors, waits = [], []
+        final = 0
+        count = len(self.logins)
+        for step in range(count):
+            index = (state.preferred + step) % count
+            login = self.logins[index]
+            fields = {"login": str(login), "slot": state.index}
+            wait = self._budgets[index].take(self._clock())
+            if wait > 0:
+                self.metrics.ssh_connects.labels(str(login), "rate-limited").inc()
+                errors.append(f"{login}: connection rate limit, next try in {wait:.0f}s")
+                waits.append(wait)
+                continue
+            try:
+                conn = await self._connect(login, state.index)
+            except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
+                why = explain(exc)
+                final += is_final(exc)
+                self.metrics.ssh_connects.labels(str(login), "failed").inc()
+                log.warning("SSH to login node failed", extra={"fields": {**fields, "why": why}})
+                errors.append(f"{login}: {why}")
+                continue
+            self.metrics.ssh_connects.labels(str(login), "ok").inc()
+            self.metrics.ssh_active.inc()
+            state.conn = conn
+            state.current = login
+            state.preferred = index
+            state.last_error = None
+            state.hold.reset()
+            state.watcher = asyncio.ensure_future(self._watch(state, conn, login))
+            log.info("SSH connected", extra={"fields": fields})
+            return conn
+        state.preferred = (state.preferred + 1) % count
+        state.last_failure = self._clock()
+        state.held_for = state.hold.next()
+        state.last_error = SshUnavailable(
+            "; ".join(errors), min(waits) if len(waits) == count else 0.0, final == count
+        )
+        raise state.last_error
 
     async def connect_to(self, login: Login) -> Connection:
         """A connection to ``login`` alone, with the worker's options; errors raised unchanged.
 
         For ``relay check``, which tries every login node and explains the exact error. The
-        connection is the caller's to close; :meth:`connection` never hands it out.
+        connection is the caller's to close; :meth:`connection` never hands it out, and it
+        takes no token of the budget.
         """
         return await self._connect(login)
 
-    async def _connect(self, login: Login) -> Connection:
+    async def _connect(self, login: Login, slot: int = 0) -> Connection:
         conn: Connection
         if self.client == "openssh":
             conn = await OpenSshConnection.start(
@@ -319,11 +370,11 @@ class SshHop:
                 keepalive=self.keepalive,
                 connect_timeout=self.connect_timeout,
                 config=self.ssh_config,
+                slot=slot,
             )
         else:
             conn = await self._connect_asyncssh(login)
-        conn.set_extra_info(login=login)
-        self._watcher = asyncio.ensure_future(self._watch(conn, login))
+        conn.set_extra_info(login=login, slot=slot)
         return conn
 
     async def _connect_asyncssh(self, login: Login) -> asyncssh.SSHClientConnection:
@@ -344,22 +395,29 @@ class SshHop:
             options["known_hosts"] = str(self.known_hosts)
         return await asyncssh.connect(login.host, **options)
 
-    async def _watch(self, conn: Connection, login: Login) -> None:
+    async def _watch(self, state: Slot, conn: Connection, login: Login) -> None:
         await conn.wait_closed()
-        if self._conn is conn:
-            self._conn = None
-            self.current = None
+        if state.conn is conn:
+            state.conn = None
+            state.current = None
             self.metrics.ssh_active.dec()
             if not self._closed:
                 self.metrics.reconnects.inc()
-                log.warning("SSH connection lost", extra={"fields": {"login": str(login)}})
+                log.warning(
+                    "SSH connection lost",
+                    extra={"fields": {"login": str(login), "slot": state.index}},
+                )
 
     async def close(self) -> None:
         self._closed = True
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            self.metrics.ssh_active.dec()
-            conn.close()
+        conns = []
+        for state in self.slots:
+            conn, state.conn = state.conn, None
+            if conn is not None:
+                self.metrics.ssh_active.dec()
+                conn.close()
+                conns.append(conn)
+        for conn in conns:
             await conn.wait_closed()
 
 

@@ -47,7 +47,8 @@ class RelayWorker(Daemon):
 
     @property
     def ssh(self) -> Optional[SshHop]:
-        """The SSH hop every carrier goes through (None without login nodes)."""
+        """The SSH hop every carrier goes through (None without login nodes); its
+        ``--ssh-connections`` slots share the exits' carriers."""
         return self.dialler.ssh
 
     async def start(self) -> None:
@@ -69,6 +70,7 @@ class RelayWorker(Daemon):
                     "mode": "upstream" if s.upstream else "tunnel",
                     "logins": ",".join(str(Login(*x)) for x in s.login) or "-",
                     "carriers": s.carriers,
+                    "ssh_connections": self.ssh.connections if self.ssh is not None else 0,
                 }
             },
         )

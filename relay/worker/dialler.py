@@ -26,7 +26,7 @@ from relay.net.addresses import format_hostport
 from relay.net.carrier import SshCarrier, TcpCarrier, TunnelRefused, carrier_opener
 from relay.net.openssh import OpenSshConnection
 from relay.net.sockopts import set_keepalive, set_nodelay, transport_socket
-from relay.net.sshhop import Connection, Login, SshHop, SshUnavailable
+from relay.net.sshhop import Connection, Login, SshHop, SshUnavailable, slot_for
 from relay.net.tlslink import TlsError, TlsVerifyError, connect_tls
 from relay.proto import ProtocolError
 from relay.proto import hello as hl
@@ -86,6 +86,7 @@ def ssh_hop(
         connects_per_minute=s.ssh_connect_rate,
         client=s.ssh_client,
         ssh_config=s.ssh_config,
+        connections=s.ssh_connections,
     )
     _set_forwards(hop, s)
     return hop
@@ -99,13 +100,23 @@ def _set_forwards(hop: SshHop, settings: WorkerSettings) -> None:
 
 class Dialler:
     """Opens the worker's carriers and runs their HELLO; owns the SSH hop (``ssh``, None
-    without login nodes), which every carrier and the upstream forward share."""
+    without login nodes), which every carrier and the upstream forward share.
+
+    Carrier place k of an exit goes through the hop's slot k mod ``--ssh-connections``,
+    so an exit's carriers spread over the SSH connections; the upstream forward uses slot 0.
+    """
 
     def __init__(self, settings: WorkerSettings, metrics: Metrics, ssh: Optional[SshHop]) -> None:
         self.settings = settings
         self.metrics = metrics
         self.ssh = ssh
         self._forward: Optional[tuple[Any, Any]] = None
+
+    def slot_up(self, place: int) -> bool:
+        """A carrier at ``place`` would ride an SSH connection that is up (or needs none)."""
+        if self.ssh is None:
+            return True
+        return self.ssh.slot_connected(slot_for(place, self.ssh.connections))
 
     def set_forwards(self) -> None:
         """Re-read what ssh forwards from the settings (taken when an ssh process starts)."""
@@ -124,12 +135,14 @@ class Dialler:
         exit_addr: tuple[str, int],
         session: Optional[Session] = None,
         times: Optional[DialTimes] = None,
+        place: int = 0,
     ) -> tuple[Carrier, Established]:
-        """A carrier in ``session`` (a new one when None), bounded as the worker bounds it:
-        --connect-timeout (and 5 s for an SSH login) to open, --connect-timeout for the
-        HELLO. Raises what :meth:`open` and :meth:`hello` raise."""
+        """The exit's carrier at ``place`` in ``session`` (a new one when None), bounded as the
+        worker bounds it: --connect-timeout (and 5 s for an SSH login) to open,
+        --connect-timeout for the HELLO. Raises what :meth:`open` and :meth:`hello` raise."""
         s = self.settings
-        carrier = await asyncio.wait_for(self.open(exit_addr, times=times), s.connect_timeout + 5)
+        opening = self.open(exit_addr, times=times, place=place)
+        carrier = await asyncio.wait_for(opening, s.connect_timeout + 5)
         est = await self.hello(carrier, session, s.connect_timeout, times)
         return carrier, est
 
@@ -139,10 +152,12 @@ class Dialler:
         via: Optional[Connection] = None,
         timeout: Optional[float] = None,
         times: Optional[DialTimes] = None,
+        place: int = 0,
     ) -> Carrier:
         """A carrier to the exit, TLS verified when configured, HELLO not yet sent.
 
-        Through ``via`` (a login connection of the caller's), else the SSH hop, else TCP.
+        Through ``via`` (a login connection of the caller's), else the SSH hop's slot for
+        carrier ``place`` (:func:`~relay.net.sshhop.slot_for`), else TCP.
         ``timeout`` bounds opening the channel (TLS has --connect-timeout for its handshake).
         Raises :class:`DialFailed`, counted in relay_carriers_total.
         """
@@ -153,7 +168,7 @@ class Dialler:
         try:
             try:
                 if conn is None and self.ssh is not None:
-                    conn = await self.ssh.connection()
+                    conn = await self.ssh.connection(slot_for(place, self.ssh.connections))
                 carrier = await self._carrier(exit_addr, conn, timeout)
             finally:
                 times.channel_s = time.monotonic() - started
@@ -328,7 +343,8 @@ class Dialler:
     # -- the upstream (--upstream mode) ------------------------------------------------------
     async def upstream_address(self) -> tuple[str, int]:
         """Where to reach the plain SOCKS5 upstream: itself, or a loopback port forwarded
-        over the SSH hop (like ``ssh -L``). Raises :class:`DialFailed` without a login."""
+        over the SSH hop's first slot (like ``ssh -L``). Raises :class:`DialFailed` without a
+        login."""
         upstream = self.settings.upstream
         assert upstream is not None
         if self.ssh is None:

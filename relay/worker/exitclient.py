@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Callable, Optional
 
 from relay.errors import OpenFailed
@@ -31,6 +32,17 @@ DEMAND_RETRY = 1.0
 """Seconds between carrier attempts that waiting clients may ask for (ExitClient.demand)."""
 
 
+def next_place(taken: Collection[int], carriers: int, up: Callable[[int], bool]) -> int:
+    """Which of the exit's ``carriers`` carrier places to fill next: the lowest free one
+    whose SSH connection is up, else the lowest free one.
+
+    Place k always rides SSH slot k mod N; the order only lets a live connection take a
+    carrier at once while a dead one waits for its login budget.
+    """
+    free = [k for k in range(carriers) if k not in taken] or [len(taken)]
+    return next((k for k in free if up(k)), free[0])
+
+
 class SessionGone(RelayError):
     """The exit no longer has our session (restarted, or parked too long): start anew.
 
@@ -48,7 +60,8 @@ class ExitClient:
     joining the session with its key), every stream of the worker multiplexed on them.
 
     When carriers die their streams move to the others at once; a replacement is dialled
-    with backoff and jitter (the SSH hop caps new logins per login node). When none is left
+    with backoff and jitter into the free place, on that place's SSH slot (the SSH hop caps
+    new logins per login node). When none is left
     the streams wait, up to ``--resume-timeout``, for a carrier to come back.
     """
 
@@ -68,6 +81,8 @@ class ExitClient:
         self.session_id = hl.NEW_SESSION
         self.session_key = b""
         self.carriers: dict[int, Carrier] = {}
+        self.places: dict[int, int] = {}
+        """Each carrier's place k (by carrier id): it rides SSH slot k mod --ssh-connections."""
         self._next_cid = 1
         self._task: Optional[asyncio.Future[None]] = None
         self.lost_at: Optional[float] = None
@@ -218,8 +233,10 @@ class ExitClient:
     async def _add_carrier(self) -> None:
         joins = self.driver is not None
         session = (self.session_id, self.session_key) if joins else None
+        dialler = self.worker.dialler
+        place = next_place(self.places.values(), self.worker.settings.carriers, dialler.slot_up)
         try:
-            carrier, est = await self.worker.dialler.connect(self.exit, session)
+            carrier, est = await dialler.connect(self.exit, session, place=place)
         except TunnelRefused as exc:
             if joins and exc.status in (hl.UNKNOWN_SESSION, hl.BAD_AUTH):
                 self.metrics.resumes.labels("refused").inc()
@@ -235,6 +252,7 @@ class ExitClient:
         cid = self._next_cid
         self._next_cid += 1
         self.carriers[cid] = carrier
+        self.places[cid] = place
         moved = self.driver.session.live_streams() if self.lost_at is not None else 0
         carrier.join(self.driver, cid, est)
         if cid in self.carriers:
@@ -281,6 +299,7 @@ class ExitClient:
         )
 
     def _link_lost(self, cid: int, why: str) -> None:
+        place = self.places.pop(cid, None)
         if self.carriers.pop(cid, None) is None:
             return
         self.metrics.reconnects.inc()
@@ -291,6 +310,7 @@ class ExitClient:
                 "fields": {
                     "exit": format_hostport(*self.exit),
                     "carrier": cid,
+                    "place": place,
                     "left": len(self.carriers),
                     "streams": streams,
                     "why": why,
@@ -341,6 +361,7 @@ class ExitClient:
     def _forget_session(self) -> None:
         self.driver = None
         self.carriers = {}
+        self.places = {}
         self.session_id = hl.NEW_SESSION
         self.session_key = b""
         self.lost_at = None

@@ -49,6 +49,7 @@ class WorkerSettings(Settings):
     reconnect_max: float
     no_optimistic: bool
     ssh_connect_rate: float
+    ssh_connections: int
     resume_timeout: float
     carriers: int
     tcp_keepalive: float

@@ -870,6 +870,8 @@ def test_load_keys(keys: Path) -> None:
         ("k1 short\n", "line 1: secret is shorter than 16 bytes (got 5)"),
         ("# only comments\n\n", "holds no 'KEY_ID SECRET' line"),
         (b"k1 \xff" + b"x" * 20 + b"\n", "line 1: not valid UTF-8"),
+        (f"k1 {SECRET}\x00\n", "line 1: secret contains a control character (byte 0x00)"),
+        (f"k1 {SECRET}\x7f\n", "line 1: secret contains a control character (byte 0x7f)"),
     ],
 )
 def test_load_keys_rejects(tmp_path: Path, body: str | bytes, expect: str) -> None:
@@ -894,6 +896,8 @@ def test_load_secret(tmp_path: Path) -> None:
         ("short\n", "shorter than 16 bytes (got 5)"),
         (f"k1 {SECRET}\n", "contains whitespace"),
         ("", "shorter than 16 bytes (got 0)"),
+        (f"{SECRET}\x00", "control character (byte 0x00)"),
+        (f"\x1b{SECRET}", "control character (byte 0x1b)"),
     ]:
         write(path, body)
         msg = raises(load_secret, path)

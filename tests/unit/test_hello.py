@@ -249,8 +249,13 @@ def test_key_id_length_limits() -> None:
 # MAC verification
 
 
+# HMAC pads a key with NUL bytes, so two keys that differ only in trailing NULs are one key;
+# the key file loaders refuse control characters in a secret, so no such pair is configured.
+printable_secrets = st.binary(min_size=1, max_size=64).filter(lambda k: b"\0" not in k)
+
+
 @settings(max_examples=100, deadline=None)
-@given(secrets_, secrets_, key_ids, u64, b16)
+@given(printable_secrets, printable_secrets, key_ids, u64, b16)
 def test_hello_wrong_key_fails(
     key: bytes, other: bytes, key_id: str, ts: int, nonce: bytes
 ) -> None:

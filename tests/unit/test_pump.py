@@ -15,7 +15,7 @@ from relay.net.pump import PlainProtocol, StreamInfo
 from relay.proto import session as ms
 
 ADDRESS = b"\x01\x7f\x00\x00\x01\x25\x92"
-SESSION = {"misses": 3, "window": 4 * 1024 * 1024, "tombstone_ttl": 600.0}
+SESSION: dict[str, Any] = {"misses": 3, "window": 4 * 1024 * 1024, "tombstone_ttl": 600.0}
 
 
 class _Link:

@@ -43,7 +43,7 @@ CPU is read from /proc before and after each transfer, per process of the chain 
 relay-worker itself, its ssh children, the chain's sshd with its session processes, the exit /
 ssh -D / danted with their children); the sink's and the client's CPU are recorded as context.
 
-Results: bench/results/<UTC date>-lab-chains[-quick]/results.json (raw) and summary.md.
+Results: bench/results/<UTC date and time>-lab-chains[-quick]/results.json (raw) and summary.md.
 """
 
 from __future__ import annotations
@@ -1100,7 +1100,7 @@ def main() -> int:
         Path(args.out)
         if args.out
         else RESULTS
-        / (started.strftime("%Y%m%d") + "-lab-chains" + ("-quick" if args.quick else ""))
+        / (started.strftime("%Y%m%dT%H%M%SZ") + "-lab-chains" + ("-quick" if args.quick else ""))
     )
     command = (
         "cd "

@@ -61,8 +61,8 @@ class ExitClient:
 
     When carriers die their streams move to the others at once; a replacement is dialled
     with backoff and jitter into the free place, on that place's SSH slot (the SSH hop caps
-    new logins per login node). When none is left
-    the streams wait, up to ``--resume-timeout``, for a carrier to come back.
+    new logins per login node). When none is left the streams wait, up to
+    ``--resume-timeout``, for a carrier to come back.
     """
 
     ready = LoopBound(asyncio.Event)

@@ -9,11 +9,11 @@ import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Optional, Protocol
 
 from relay.exit.destinations import Refusal, connect_error, resolve
-from relay.exit.group import PlaintextRelay
-from relay.exit.sessions import ExitMux
+from relay.exit.group import Group, PlaintextRelay
+from relay.exit.sessions import ExitMux, SessionHost
 from relay.net.addresses import format_hostport
 from relay.net.pump import PlainProtocol, RawPump, StreamInfo
 from relay.net.sockopts import set_keepalive, set_nodelay, set_notsent_lowat, transport_socket
@@ -22,9 +22,6 @@ from relay.proto import ProtocolError
 from relay.proto import handoff as ho
 from relay.proto import hello as hl
 from relay.proto import socks5 as s5
-
-if TYPE_CHECKING:
-    from relay.exit.daemon import RelayExit
 
 log = logging.getLogger("relay.exit")
 
@@ -39,11 +36,28 @@ CARRIER_NOTSENT_LOWAT = 128 * 1024
 stays short, so a bulk stream delays another stream's frames by little."""
 
 
+class ConnectionHost(SessionHost, Protocol):
+    """What an accepted connection needs of its exit (relay.exit.daemon.RelayExit), beyond
+    what its session does: the handshake limits, the replay guard, the process group."""
+
+    connections: set[Any]
+    unauthenticated: dict[ExitConnection, None]
+    handshakes: int
+    guard: hl.ReplayGuard
+    group: Optional[Group]
+    tls_relays: set[PlaintextRelay]
+
+    def handshake_started(self, conn: ExitConnection) -> bool: ...
+    def carrier_full(self, key_id: str) -> Optional[str]: ...
+    def carrier_started(self, key_id: str) -> None: ...
+    def was_expired(self, session_id: bytes) -> bool: ...
+
+
 class ExitConnection(PlainProtocol):
     """One accepted connection: the handshake first, then a carrier of its worker's session
     (or, for an allowed plain SOCKS5 client, one side of a raw relay)."""
 
-    def __init__(self, relay_exit: RelayExit, adopted: Optional[ho.Handoff] = None) -> None:
+    def __init__(self, relay_exit: ConnectionHost, adopted: Optional[ho.Handoff] = None) -> None:
         super().__init__()
         self.exit = relay_exit
         self.metrics = relay_exit.metrics
@@ -480,7 +494,14 @@ class ExitConnection(PlainProtocol):
         relay_exit = self.exit
         settings = relay_exit.settings
         try:
-            addresses = await resolve(relay_exit, request.host, request.port, request.atyp)
+            addresses = await resolve(
+                settings.policy,
+                relay_exit.metrics,
+                settings.connect_timeout,
+                request.host,
+                request.port,
+                request.atyp,
+            )
         except Refusal as refusal:
             if not self.closed:
                 self._refuse_plain(refusal.code, refusal.reason, request, refusal.why)

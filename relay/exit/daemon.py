@@ -10,11 +10,12 @@ import resource
 import socket
 import ssl
 from collections import Counter, OrderedDict
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional, Union
 
 from relay.exit.connection import ExitConnection
 from relay.exit.group import Group, GroupPlace, PlaintextRelay
 from relay.exit.policy import Policy
+from relay.exit.sessions import ExitMux
 from relay.exit.settings import ExitSettings
 from relay.metrics import Metrics
 from relay.net.addresses import format_hostport
@@ -24,9 +25,6 @@ from relay.net.pump import PROTOCOL_ERROR, RawPump
 from relay.net.tlslink import TlsEngine, TlsLink
 from relay.proto import handoff as ho
 from relay.proto import hello as hl
-
-if TYPE_CHECKING:
-    from relay.exit.sessions import ExitMux
 
 log = logging.getLogger("relay.exit")
 

@@ -6,20 +6,19 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
+from relay.exit.policy import Policy
 from relay.metrics import Metrics
 from relay.proto import socks5 as s5
 from relay.proto.errors import RelayError
 
-if TYPE_CHECKING:
-    from relay.exit.daemon import RelayExit
 
-
-async def resolve(relay_exit: RelayExit, host: str, port: int, atyp: int) -> list[str]:
-    """Resolve once, keep only addresses the policy allows; these are what gets dialled."""
-    policy = relay_exit.settings.policy
-    metrics = relay_exit.metrics
+async def resolve(
+    policy: Policy, metrics: Metrics, timeout: float, host: str, port: int, atyp: int
+) -> list[str]:
+    """Resolve once (within ``timeout`` seconds), keep only addresses the policy allows;
+    these are what gets dialled."""
     if atyp != s5.ATYP_DOMAIN:
         decision = policy.check(host, port)
         if not decision.allowed:
@@ -31,7 +30,7 @@ async def resolve(relay_exit: RelayExit, host: str, port: int, atyp: int) -> lis
     try:
         infos = await asyncio.wait_for(
             loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP),
-            relay_exit.settings.connect_timeout,
+            timeout,
         )
     except (OSError, asyncio.TimeoutError) as exc:
         raise Refusal(s5.HOST_UNREACHABLE, "unresolved", f"cannot resolve: {exc}") from None

@@ -6,29 +6,56 @@ import asyncio
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Protocol, Union
 
 from relay.exit.destinations import Refusal, connect_error, resolve
+from relay.exit.settings import ExitSettings
+from relay.metrics import Metrics
 from relay.net.addresses import format_hostport
 from relay.net.muxpump import MuxDriver, MuxPump
-from relay.net.pump import PARK_EXPIRED, PlainProtocol, StreamInfo
+from relay.net.pump import PARK_EXPIRED, PlainProtocol, RawPump, StreamInfo
 from relay.net.sockopts import set_keepalive, set_nodelay, transport_socket
 from relay.proto import seal
 from relay.proto import session as ms
 from relay.proto import socks5 as s5
 
-if TYPE_CHECKING:
-    from relay.exit.connection import ExitConnection
-    from relay.exit.daemon import RelayExit
-
 log = logging.getLogger("relay.exit")
+
+
+class SessionHost(Protocol):
+    """What a session needs of the exit that holds it (relay.exit.daemon.RelayExit): its
+    settings and metrics, the stream limits, and parking."""
+
+    settings: ExitSettings
+    metrics: Metrics
+    pumps: set[Union[MuxPump, RawPump]]
+    sessions: dict[bytes, ExitMux]
+    over_budget: bool
+
+    def reserve_stream(self, key_id: str) -> Optional[str]: ...
+    def stream_started(self) -> None: ...
+    def release_stream(self, key_id: str) -> None: ...
+    def stream_done(self, pump: Union[MuxPump, RawPump], result: str) -> None: ...
+    def carrier_ended(self, key_id: str) -> None: ...
+    def park(self, session: ExitMux) -> bool: ...
+    def unparked(self) -> None: ...
+    def forget(self, session: ExitMux) -> None: ...
+
+
+class CarrierConnection(Protocol):
+    """What a session needs of an accepted connection that became one of its carriers
+    (relay.exit.connection.ExitConnection)."""
+
+    transport: Optional[asyncio.Transport]
+    closed: bool
+    mux: Optional[ExitMux]
 
 
 class ExitMux:
     """One worker's session: its carriers, its multiplexed streams and its parking."""
 
     def __init__(
-        self, relay_exit: RelayExit, session_id: bytes, key_id: str, key: bytes, heartbeat: float
+        self, relay_exit: SessionHost, session_id: bytes, key_id: str, key: bytes, heartbeat: float
     ) -> None:
         self.exit = relay_exit
         self.session_id = session_id
@@ -46,7 +73,7 @@ class ExitMux:
             on_link_lost=self._link_lost,
             on_resumed=self._resumed,
         )
-        self.conns: dict[int, ExitConnection] = {}
+        self.conns: dict[int, CarrierConnection] = {}
         self._next_cid = 1
         self.parked_at: Optional[float] = None
         self._expiry: Optional[asyncio.TimerHandle] = None
@@ -54,7 +81,7 @@ class ExitMux:
         self.ended = False
         relay_exit.sessions[session_id] = self
 
-    def join(self, conn: ExitConnection, worker_nonce: bytes, exit_nonce: bytes) -> int:
+    def join(self, conn: CarrierConnection, worker_nonce: bytes, exit_nonce: bytes) -> int:
         """A carrier joined (the first one, a further one, or a resume)."""
         assert conn.transport is not None
         cid = self._next_cid
@@ -194,7 +221,9 @@ class ExitMux:
         slot = True
         try:
             try:
-                addresses = await resolve(relay_exit, host, port, atyp)
+                addresses = await resolve(
+                    settings.policy, relay_exit.metrics, settings.connect_timeout, host, port, atyp
+                )
             except Refusal as refusal:
                 self._refuse(pump, refusal.code, refusal.reason, dest_name, refusal.why)
                 return

@@ -6,9 +6,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Collection
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional, Protocol
 
 from relay.errors import OpenFailed
+from relay.metrics import Metrics
 from relay.net.addresses import format_hostport
 from relay.net.backoff import Backoff
 from relay.net.carrier import TunnelRefused
@@ -21,12 +22,21 @@ from relay.proto import hello as hl
 from relay.proto import session as ms
 from relay.proto.errors import RelayError
 from relay.proto.opener import Established
-from relay.worker.dialler import Carrier
-
-if TYPE_CHECKING:
-    from relay.worker.daemon import RelayWorker
+from relay.worker.dialler import Carrier, Dialler
+from relay.worker.settings import WorkerSettings
 
 log = logging.getLogger("relay.worker")
+
+
+class WorkerHost(Protocol):
+    """What a session with an exit needs of its worker (relay.worker.daemon.RelayWorker)."""
+
+    settings: WorkerSettings
+    metrics: Metrics
+    dialler: Dialler
+
+    def stream_done(self, pump: MuxPump, result: str) -> None: ...
+
 
 DEMAND_RETRY = 1.0
 """Seconds between carrier attempts that waiting clients may ask for (ExitClient.demand)."""
@@ -73,7 +83,7 @@ class ExitClient:
     settled = LoopBound(asyncio.Event)
     """Set when a carrier attempt ends, well or not (clients waiting in pick_exit look again)."""
 
-    def __init__(self, worker: RelayWorker, exit_addr: tuple[str, int]) -> None:
+    def __init__(self, worker: WorkerHost, exit_addr: tuple[str, int]) -> None:
         self.worker = worker
         self.exit = exit_addr
         self.metrics = worker.metrics

@@ -152,13 +152,9 @@ class _Policy:
 
 
 async def test_an_exit_refusal_code_is_the_reply_the_worker_gets() -> None:
-    metrics = Metrics("exit")
-    relay_exit: Any = SimpleNamespace(
-        settings=SimpleNamespace(policy=_Policy("unspecified"), connect_timeout=1.0),
-        metrics=metrics,
-    )
+    policy: Any = _Policy("unspecified")
     with pytest.raises(Refusal) as info:
-        await resolve(relay_exit, "0.0.0.0", 9, s5.ATYP_IPV4)
+        await resolve(policy, Metrics("exit"), 1.0, "0.0.0.0", 9, s5.ATYP_IPV4)
     refusal = info.value
     assert (refusal.code, refusal.reason, str(refusal)) == (
         s5.NOT_ALLOWED,

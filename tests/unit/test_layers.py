@@ -14,10 +14,10 @@ bottom to top, and what each may import (docs/ARCHITECTURE.md draws them):
 
 Each layer may also import its own modules; net and config never import each other, nor
 worker and exit. An import counts wherever it stands: at module level, in a function, in a
-``try``. For the direction of imports an import under ``if TYPE_CHECKING:`` counts too (a
-module may not even name a type of a layer above it); for cycles it does not, because such an
-import never runs: a part that names its owner's type (a session naming its daemon) is not a
-circle.
+``try``, under ``if TYPE_CHECKING:``: a module may not even name a type of a layer above it,
+and a part that needs its owner describes what it needs as a Protocol of its own (a session's
+``SessionHost``) instead of importing the owner's module, so no two modules lean on each other
+even for types.
 """
 
 from __future__ import annotations
@@ -207,12 +207,12 @@ def unplaced(modules: list[str]) -> list[str]:
 
 
 def cycles(graph: Mapping[str, list[Import]]) -> list[str]:
-    """Each circle of imports that run (not TYPE_CHECKING ones), as ``a -> b -> a`` with the
-    place of each import. Every import that closes a circle appears in at least one."""
+    """Each circle of imports (TYPE_CHECKING ones too), as ``a -> b -> a`` with the place of
+    each import. Every import that closes a circle appears in at least one."""
     edges: dict[str, dict[str, str]] = {m: {} for m in graph}
     for module, imports in graph.items():
         for imp in imports:
-            if not imp.type_only and imp.target in graph and imp.target != module:
+            if imp.target in graph and imp.target != module:
                 edges[module].setdefault(imp.target, imp.where)
 
     # Tarjan's strongly connected components, iteratively (no recursion limit to meet).
@@ -359,7 +359,7 @@ SYNTHETIC = {
     "relay.worker.client": (
         "from typing import TYPE_CHECKING\n"
         "if TYPE_CHECKING:\n"
-        "    from relay.worker.daemon import Daemon  # a part naming its owner: no circle\n"
+        "    from relay.worker.daemon import Daemon  # a part naming its owner: a circle\n"
         "else:\n"
         "    from relay.exit import sessions  # worker -> exit\n"
     ),
@@ -398,11 +398,12 @@ def test_checker_resolves_relative_imports() -> None:
     assert {i.target for i in graph["relay.net.carrier"]} == {"relay.net.pump"}
 
 
-def test_checker_finds_cycles_but_not_type_only_ones() -> None:
+def test_checker_finds_cycles_type_only_ones_too() -> None:
     found = cycles(import_graph(SYNTHETIC))
     assert [c.split(" (")[0] for c in found] == [
         "relay.exit.daemon -> relay.exit.sessions -> relay.exit.daemon",
         "relay.net.carrier -> relay.net.pump -> relay.net.carrier",
+        "relay.worker.client -> relay.worker.daemon -> relay.worker.client",
     ], found
     assert "relay.net.carrier:2, relay.net.pump:1" in found[1]
 

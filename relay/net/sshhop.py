@@ -24,7 +24,6 @@ import asyncssh
 
 from relay.metrics import Metrics
 from relay.net.addresses import format_hostport
-from relay.net.backoff import Backoff
 from relay.net.loopbound import LoopBound
 from relay.net.openssh import CIPHERS, OpenSshConnection, OpenSshError
 from relay.net.sockopts import QUICKACK_BELOW, quickack
@@ -205,16 +204,14 @@ class Slot:
     """One connection attempt at a time in this slot (made in the running loop: see
     relay.loopbound): every carrier that needs it waits for that attempt."""
 
-    def __init__(self, index: int, retry_after: float) -> None:
+    def __init__(self, index: int) -> None:
         self.index = index
         self.conn: Optional[Connection] = None
         self.current: Optional[Login] = None
         self.preferred = 0
-        self.hold = Backoff(retry_after, factor=1.0)
-        """After every login node failed, no new attempt for this long (the last error is
-        raised again instead); the connection budgets limit the rate besides."""
-        self.held_for = 0.0
         self.last_failure = -1e9
+        """When every login node last failed: for ``retry_after`` after it the last error is
+        raised again instead of a new attempt (the connection budgets limit the rate besides)."""
         self.last_error: Optional[SshUnavailable] = None
         self.watcher: Optional[asyncio.Future[None]] = None
 
@@ -263,7 +260,7 @@ class SshHop:
         now = clock()
         self._budgets = [ConnectBudget(connects_per_minute, now) for _ in self.logins]
         """One per login node, shared by every slot: the cap holds for the worker."""
-        self.slots = [Slot(index, retry_after) for index in range(max(1, connections))]
+        self.slots = [Slot(index) for index in range(max(1, connections))]
         self._closed = False
 
     @property
@@ -301,7 +298,7 @@ class SshHop:
             if self._closed:
                 raise SshUnavailable("worker is stopping")
             if state.last_error is not None and (
-                self._clock() - state.last_failure < state.held_for
+                self._clock() - state.last_failure < self.retry_after
             ):
                 raise state.last_error
             return await self._login(state)
@@ -335,13 +332,11 @@ class SshHop:
             state.current = login
             state.preferred = index
             state.last_error = None
-            state.hold.reset()
             state.watcher = asyncio.ensure_future(self._watch(state, conn, login))
             log.info("SSH connected", extra={"fields": fields})
             return conn
         state.preferred = (state.preferred + 1) % count
         state.last_failure = self._clock()
-        state.held_for = state.hold.next()
         state.last_error = SshUnavailable(
             "; ".join(errors), min(waits) if len(waits) == count else 0.0, final == count
         )

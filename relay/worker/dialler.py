@@ -254,9 +254,7 @@ class Dialler:
         where = format_hostport(host, port)
         if refused is not None:
             return DialFailed(
-                f"cannot reach exit {host}:{port}: login node cannot reach exit {where}:"
-                f" {refused.why}",
-                refused.reason,
+                f"login node cannot reach exit {where}: {refused.why}", refused.reason
             )
         if isinstance(exc, asyncssh.ChannelOpenError):
             return DialFailed(

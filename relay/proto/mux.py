@@ -40,9 +40,13 @@ TYPE_NAMES = {
 
 HEADER = struct.Struct("!BII")
 HEADER_SIZE = HEADER.size
-MAX_DATA = 32 * 1024
-"""Payload of one DATA frame: the step of the fair scheduler, so a bulk stream delays another
-stream's frame by at most this many bytes per carrier."""
+MAX_DATA = 128 * 1024
+"""Largest payload of one DATA frame: what a stream sends at a time while it is the only one
+with bytes to send on its carrier (bulk: a quarter of the per-frame work of DATA_STEP frames)."""
+DATA_STEP = 32 * 1024
+"""Payload of a DATA frame while other streams wait on the same carrier: the step of the fair
+scheduler, so a bulk stream delays another stream's frame by at most this many bytes once both
+are queued."""
 MAX_REASON = 200
 MAX_STREAM = 0xFFFFFFFF
 

@@ -204,13 +204,13 @@ class Session:
     ) -> None:
         if role not in (WORKER, EXIT):
             raise ValueError(f"role {role!r}")
-        if heartbeat <= 0 or misses < 1 or window < mux.MAX_DATA:
-            raise ValueError("heartbeat > 0, misses >= 1, window >= MAX_DATA")
+        if heartbeat <= 0 or misses < 1 or window < mux.DATA_STEP:
+            raise ValueError("heartbeat > 0, misses >= 1, window >= DATA_STEP")
         self.role = role
         self.heartbeat = heartbeat
         self.misses = misses
         self.window = window
-        self.ack_every = max(mux.MAX_DATA, window // 4)
+        self.ack_every = max(mux.DATA_STEP, window // 4)
         self.tombstone_ttl = tombstone_ttl
         self.streams: dict[int, _Stream] = {}
         self.carriers: dict[int, _Carrier] = {}
@@ -472,7 +472,8 @@ class Session:
     # -- output ---------------------------------------------------------------------------
     def output(self, cid: int, now: float, budget: int = 256 * 1024) -> list[Chunk]:
         """Wire bytes for carrier ``cid``: control frames, then one DATA frame per stream in
-        turn until about ``budget`` bytes. Sealed when the carrier has a sealer."""
+        turn until about ``budget`` bytes; a frame of DATA_STEP while other streams wait, of up
+        to MAX_DATA when the stream is the only one. Sealed when the carrier has a sealer."""
         carrier = self.carriers.get(cid)
         if carrier is None:
             return []
@@ -483,7 +484,7 @@ class Session:
             size += len(frame)
         ring = carrier.ring
         header = mux.data_header
-        max_data = mux.MAX_DATA
+        alone, step = mux.MAX_DATA, mux.DATA_STEP
         while ring and size < budget:
             stream = ring.popleft()
             stream.in_ring = False
@@ -493,7 +494,7 @@ class Session:
             if credit <= 0:
                 self.credit_stalls += 1
                 continue
-            take = min(credit, max_data)
+            take = min(credit, step if ring else alone)
             pending = stream.pending
             head = pending[0]
             if len(head) <= take:

@@ -200,6 +200,29 @@ def test_round_robin_bulk_delays_another_stream_by_one_frame_at_most():
     assert first_small <= 1
 
 
+def test_a_lone_bulk_stream_sends_large_frames_and_steps_down_while_another_waits():
+    sim = Sim(window=4 * 1024 * 1024)
+    cid = sim.add_carrier()
+    bulk, small = sim.open(), sim.open()
+    sim.settle()
+
+    def data_frames() -> list[mux.Data]:
+        pieces = sim.worker.output(cid, sim.now, budget=1 << 30)
+        frames = mux.FrameDecoder().feed(b"".join(bytes(p) for p in pieces))
+        return [f for f in frames if isinstance(f, mux.Data)]
+
+    sim.write("w", bulk, 4 * mux.MAX_DATA)
+    assert [(f.stream, len(f.payload)) for f in data_frames()] == [(bulk, mux.MAX_DATA)] * 4
+    sim.write("w", bulk, 4 * mux.DATA_STEP)
+    sim.write("w", small, 2 * mux.DATA_STEP + 10)
+    sizes = [(f.stream, len(f.payload)) for f in data_frames()]
+    assert sizes[:6] == [(bulk, mux.DATA_STEP), (small, mux.DATA_STEP)] * 2 + [
+        (bulk, mux.DATA_STEP),
+        (small, 10),
+    ]
+    assert sizes[6:] == [(bulk, mux.DATA_STEP)]  # alone again: the rest in one frame
+
+
 def test_ack_now_sends_the_current_ack_at_once():
     sim = Sim()
     cid = sim.add_carrier()

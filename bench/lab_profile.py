@@ -1,0 +1,95 @@
+"""Where the relay's CPU goes in the namespace lab: py-spy on relay-worker and relay-exit.
+
+    python -m bench.lab_profile [--chain relay-openssh] [--size-mib 256] [--native] [--out DIR]
+
+Builds the lab of ``bench.lab_chains`` with one relay chain, then samples the worker and the
+exit with ``py-spy record`` while a download and an upload (SHA-256 checked) run through it,
+and writes per workload and daemon the collapsed stacks and ``profile.md`` (top frames by own
+and by inclusive time, the CPU seconds of every process of the chain). Shares are of each
+daemon's busy time: py-spy samples running threads only. Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+from bench.lab_chains import ALL_CHAINS, Bench, cpu_delta
+from bench.profile import Profiler, markdown, summarize
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.lab_profile",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    relays = [n for n in ALL_CHAINS if n.startswith("relay-")]
+    parser.add_argument("--chain", default="relay-openssh", choices=relays)
+    parser.add_argument("--size-mib", type=int, default=256, help="MiB per transfer")
+    parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    parser.add_argument("--native", action="store_true", help="also sample C frames")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("needs root (network namespaces, sshd, nftables)", file=sys.stderr)
+        return 2
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or REPO / "bench" / "results" / f"{stamp}-lab-profile"
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m bench.lab_profile " + " ".join(sys.argv[1:] if argv is None else argv)
+    report: dict[str, Any] = {"command": command, "started": stamp, "workloads": {}}
+    bench = Bench(Path(tempfile.mkdtemp(prefix="lab-profile-")))
+    size = args.size_mib << 20
+    try:
+        bench.start([args.chain])
+        chain = bench.chains[args.chain]
+        report["relay"] = chain.description
+        bench.latency(chain, 3)  # the carriers exist before sampling starts
+        for direction in ("down", "up"):
+            name = f"bulk-{direction}"
+            prof = Profiler(out, args.rate, args.native)
+            daemons = {d: chain.roles[d][0] for d in ("worker", "exit")}
+            before = chain.snapshot()
+            for daemon, pid in daemons.items():
+                prof.start(pid, f"{name}-{daemon}")
+            time.sleep(1.0)  # py-spy attaches
+            started = time.perf_counter()
+            try:
+                res = bench.transfer(chain, direction, size)
+            finally:
+                prof.stop()
+            totals, _ = cpu_delta(before, chain.snapshot(), list(chain.roles))
+            entry: dict[str, Any] = {
+                "client": {"mb_per_s": round(res["mb_per_s"], 1), "ok": res["ok"]},
+                "wall_seconds": time.perf_counter() - started,
+                "cpu_seconds": totals,
+                "daemons": {},
+            }
+            for daemon in daemons:
+                raw = out / f"{name}-{daemon}.txt"
+                if not raw.exists():
+                    log = (out / f"{name}-{daemon}.py-spy.log").read_text()
+                    raise RuntimeError(f"py-spy wrote no profile for {daemon}: {log}")
+                entry["daemons"][daemon] = summarize(raw)
+            report["workloads"][name] = entry
+            print(f"{name}: {entry['client']}; CPU {totals}", flush=True)
+    finally:
+        bench.close()
+    (out / "profile.json").write_text(json.dumps(report, indent=1))
+    (out / "profile.md").write_text(markdown(report))
+    print(out / "profile.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

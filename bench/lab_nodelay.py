@@ -1,0 +1,128 @@
+"""What sshd's Nagle algorithm costs the relay: the lab's connection rate with and without
+TCP_NODELAY on the login node's sshd sockets.
+
+    python -m bench.lab_nodelay [--rounds 3] [--seconds 5] [--parallel 8]   # as root
+
+sshd sets TCP_NODELAY only for a session with a pty or X11 forwarding; a carrier's ``ssh -N``
+has neither, so sshd's small packets (a REPLY, an ACK) wait for the acknowledgement of what
+it sent before. No option of ssh or sshd changes that, so this experiment reaches into the
+login node's sshd from outside: it takes duplicates of the TCP sockets of the chain's sshd
+processes (``pidfd_getfd``, Linux 5.6 and root) and sets TCP_NODELAY on them between
+measurements: as sshd set it, then on for all of them, alternating round by round on the same
+chain and the same SSH connection; every stream echoes a byte. Prints one JSON line per
+measurement and the medians. An experiment for the record, not a way to run a site.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from bench import procstat
+from bench.lab_chains import Bench
+
+_SYS_PIDFD_GETFD = 438
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _tcp_sockets(pid: int) -> list[socket.socket]:
+    """Duplicates of the TCP sockets of ``pid`` (they share the socket, not a copy of it)."""
+    out: list[socket.socket] = []
+    pidfd = os.pidfd_open(pid)  # type: ignore[attr-defined,unused-ignore]
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            fd = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(name), 0)
+            if fd < 0:
+                continue
+            sock = socket.socket(fileno=fd)
+            if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+                out.append(sock)
+            else:
+                sock.detach()
+                os.close(fd)
+    finally:
+        os.close(pidfd)
+    return out
+
+
+def _name(sock: socket.socket) -> str:
+    try:
+        return f"{sock.getsockname()[0]}:{sock.getsockname()[1]} -> {sock.getpeername()[0]}"
+    except OSError:
+        return f"{sock.getsockname()[0]}:{sock.getsockname()[1]} (listening)"
+
+
+def nodelay_state(pids: list[int]) -> dict[str, bool]:
+    """Every TCP socket of ``pids`` (by address) and whether it has TCP_NODELAY."""
+    state: dict[str, bool] = {}
+    for pid in pids:
+        for sock in _tcp_sockets(pid):
+            with sock:
+                state[f"{pid} {_name(sock)}"] = bool(
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                )
+    return state
+
+
+def set_nodelay(pids: list[int], want: dict[str, bool]) -> None:
+    """Set TCP_NODELAY on each TCP socket of ``pids`` named in ``want`` as it says."""
+    for pid in pids:
+        for sock in _tcp_sockets(pid):
+            with sock:
+                key = f"{pid} {_name(sock)}"
+                if key in want:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(want[key]))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.lab_nodelay",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--chain", default="relay-openssh")
+    parser.add_argument("--rounds", type=int, default=3, help="pairs of measurements")
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--parallel", type=int, default=8, help="concurrent client loops")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("needs root (network namespaces, sshd, pidfd_getfd)", file=sys.stderr)
+        return 2
+    bench = Bench(Path(tempfile.mkdtemp(prefix="lab-nodelay-")))
+    rates: dict[str, list[float]] = {"as sshd sets it": [], "on": []}
+    try:
+        bench.start([args.chain])
+        chain = bench.chains[args.chain]
+        bench.latency(chain, 3)  # carriers and the SSH connection are up
+        pids = procstat.tree([chain.roles["sshd"][0]])
+        default = nodelay_state(pids)
+        print(json.dumps({"sshd_sockets_nodelay": default}), flush=True)
+        for _ in range(args.rounds):
+            for mode in rates:
+                set_nodelay(pids, default if mode != "on" else dict.fromkeys(default, True))
+                res = bench.rate(chain, args.seconds, args.parallel)
+                rates[mode].append(res["per_second"])
+                line = {"sshd_nodelay": mode, "per_second": round(res["per_second"])}
+                print(json.dumps(line), flush=True)
+    finally:
+        bench.close()
+    medians = {mode: round(statistics.median(v)) for mode, v in rates.items()}
+    print(json.dumps({"chain": args.chain, "median_per_second": medians}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -640,6 +640,14 @@ class Bench:
                     )
 
 
+def bench_as_root(prefix: str) -> Bench:
+    """A lab Bench working in a new temporary directory; exits with status 2 unless root."""
+    if os.geteuid() != 0:
+        print("needs root (network namespaces, sshd, nftables)", file=sys.stderr)
+        raise SystemExit(2)
+    return Bench(Path(tempfile.mkdtemp(prefix=prefix)))
+
+
 # ----------------------------------------------------------------------------- summary
 
 

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any, Optional
 
-from bench.lab_chains import ALL_CHAINS, Bench
+from bench.lab_chains import ALL_CHAINS, bench_as_root
 
 
 def _summary(samples_ms: list[float]) -> dict[str, float]:
@@ -45,10 +42,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--count", type=int, default=40, help="streams per measurement")
     parser.add_argument("--size-mib", type=int, default=1536, help="MiB of the download")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("needs root (network namespaces, sshd, nftables)", file=sys.stderr)
-        return 2
-    bench = Bench(Path(tempfile.mkdtemp(prefix="lab-fairness-")))
+    bench = bench_as_root("lab-fairness-")
     try:
         bench.start([args.chain])
         chain = bench.chains[args.chain]

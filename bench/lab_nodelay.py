@@ -22,12 +22,10 @@ import os
 import socket
 import statistics
 import sys
-import tempfile
-from pathlib import Path
 from typing import Optional
 
 from bench import procstat
-from bench.lab_chains import Bench
+from bench.lab_chains import bench_as_root
 
 _SYS_PIDFD_GETFD = 438
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -98,10 +96,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--parallel", type=int, default=8, help="concurrent client loops")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("needs root (network namespaces, sshd, pidfd_getfd)", file=sys.stderr)
-        return 2
-    bench = Bench(Path(tempfile.mkdtemp(prefix="lab-nodelay-")))
+    bench = bench_as_root("lab-nodelay-")
     rates: dict[str, list[float]] = {"as sshd sets it": [], "on": []}
     try:
         bench.start([args.chain])

@@ -15,19 +15,16 @@ library and symbol, kernel included (``perf-<workload>.txt``). Needs root.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from bench.lab_chains import ALL_CHAINS, Bench, cpu_delta
-from bench.profile import Profiler, markdown, summarize
+from bench.lab_chains import ALL_CHAINS, bench_as_root, cpu_delta
+from bench.profile import Profiler, summaries, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,15 +45,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.perf and shutil.which("perf") is None:
         parser.error("--perf needs perf (Debian: linux-perf)")
-    if os.geteuid() != 0:
-        print("needs root (network namespaces, sshd, nftables)", file=sys.stderr)
-        return 2
+    bench = bench_as_root("lab-profile-")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or REPO / "bench" / "results" / f"{stamp}-lab-profile"
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m bench.lab_profile " + " ".join(sys.argv[1:] if argv is None else argv)
     report: dict[str, Any] = {"command": command, "started": stamp, "workloads": {}}
-    bench = Bench(Path(tempfile.mkdtemp(prefix="lab-profile-")))
     size = args.size_mib << 20
     try:
         bench.start([args.chain])
@@ -84,21 +78,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "client": {"mb_per_s": round(res["mb_per_s"], 1), "ok": res["ok"]},
                 "wall_seconds": time.perf_counter() - started,
                 "cpu_seconds": totals,
-                "daemons": {},
+                "daemons": summaries(out, name, daemons),
             }
-            for daemon in daemons:
-                raw = out / f"{name}-{daemon}.txt"
-                if not raw.exists():
-                    log = (out / f"{name}-{daemon}.py-spy.log").read_text()
-                    raise RuntimeError(f"py-spy wrote no profile for {daemon}: {log}")
-                entry["daemons"][daemon] = summarize(raw)
             report["workloads"][name] = entry
             print(f"{name}: {entry['client']}; CPU {totals}", flush=True)
     finally:
         bench.close()
-    (out / "profile.json").write_text(json.dumps(report, indent=1))
-    (out / "profile.md").write_text(markdown(report))
-    print(out / "profile.md")
+    write_report(out, report)
     return 0
 
 

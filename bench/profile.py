@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -212,20 +213,31 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "cpu_seconds": {d: cpu1[d] - cpu0[d] for d in cpu0},
                 "daemons": {},
             }
-            for daemon in daemons:
-                raw = out / f"{name}-{daemon}.txt"
-                if not raw.exists():
-                    log = (out / f"{name}-{daemon}.py-spy.log").read_text()
-                    raise RuntimeError(f"py-spy wrote no profile for {daemon}: {log}")
-                entry["daemons"][daemon] = summarize(raw)
+            entry["daemons"] = summaries(out, name, daemons)
             report["workloads"][name] = entry
             print(f"{name}: {result}; CPU {entry['cpu_seconds']}", flush=True)
     finally:
         bench.close()
+    write_report(out, report)
+    return 0
+
+
+def summaries(out: Path, workload: str, daemons: Iterable[str]) -> dict[str, Any]:
+    """Each daemon's py-spy summary of ``workload`` (Profiler wrote its raw file in ``out``)."""
+    found: dict[str, Any] = {}
+    for daemon in daemons:
+        raw = out / f"{workload}-{daemon}.txt"
+        if not raw.exists():
+            log = (out / f"{workload}-{daemon}.py-spy.log").read_text()
+            raise RuntimeError(f"py-spy wrote no profile for {daemon}: {log}")
+        found[daemon] = summarize(raw)
+    return found
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
     (out / "profile.json").write_text(json.dumps(report, indent=1))
     (out / "profile.md").write_text(markdown(report))
     print(out / "profile.md")
-    return 0
 
 
 def markdown(report: dict[str, Any]) -> str:

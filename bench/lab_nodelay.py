@@ -89,8 +89,10 @@ def set_nodelay(pids: list[int], want: dict[str, bool]) -> None:
 
 
 class QuickAck:
-    """Re-arms TCP_QUICKACK on ``sockets`` every half millisecond while ``active``: about what
-    a worker holding its ssh's socket could do after every small read of a carrier."""
+    """Re-arms TCP_QUICKACK on ``sockets`` every half millisecond while ``active``: from
+    outside, about what the worker does on its ssh's socket after every small read of a
+    carrier (relay.net.childsocket); against a worker that does it already, this case
+    measures what re-arming more often would add."""
 
     def __init__(self, sockets: list[socket.socket]) -> None:
         self.sockets = sockets

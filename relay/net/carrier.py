@@ -17,6 +17,7 @@ import asyncssh
 from relay.errors import ChannelRefused
 from relay.net.muxpump import MuxDriver
 from relay.net.openssh import OpenSshConnection
+from relay.net.sockopts import QUICKACK_BELOW
 from relay.proto import ProtocolError, seal
 from relay.proto import hello as hl
 from relay.proto.errors import RelayError
@@ -93,6 +94,8 @@ class CarrierBase:
             self.link.resume_reading()
 
     def _on_bytes(self, data: bytes) -> None:
+        if self.via is not None and len(data) < QUICKACK_BELOW:
+            self.via.acknowledge()
         driver = self.driver
         if driver is not None:
             driver.link_data(self.cid, data)

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from relay.net.addresses import format_hostport
+from relay.net.childsocket import borrow_tcp_socket
+from relay.net.sockopts import quickack
 from relay.proto.errors import RelayError
 
 log = logging.getLogger("relay.ssh")
@@ -171,6 +173,9 @@ class OpenSshConnection:
         self._extra: dict[str, Any] = {}
         self._killer: Optional[asyncio.TimerHandle] = None
         self._term_deadline = 0.0
+        self.login_socket: Optional[socket.socket] = None
+        """A duplicate of ssh's connection to the login node, for socket options only
+        (relay.net.childsocket); None where the system or ssh's configuration gives none."""
 
     def _watch(self) -> None:
         """Read ssh's stderr and wait for its end (in the running loop, from start())."""
@@ -241,6 +246,12 @@ class OpenSshConnection:
             with contextlib.suppress(Exception):
                 await asyncio.shield(conn.wait_closed())
             raise
+        conn.login_socket = borrow_tcp_socket(proc.pid)
+        if conn.login_socket is None:
+            log.debug(
+                "no duplicate of ssh's connection: small packets are acknowledged by ACK frames",
+                extra={"fields": {"pid": proc.pid, "slot": slot}},
+            )
         return conn
 
     async def _forwards_up(self) -> None:
@@ -274,10 +285,17 @@ class OpenSshConnection:
     async def _reap(self) -> None:
         try:
             await self.proc.wait()
+            self._release_socket()  # else the connection would outlive ssh
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._reader), 2)
         finally:
+            self._release_socket()
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _release_socket(self) -> None:
+        sock, self.login_socket = self.login_socket, None
+        if sock is not None:
+            sock.close()
 
     # -- what SshHop and the worker use ---------------------------------------------------
     @property
@@ -295,6 +313,11 @@ class OpenSshConnection:
             raise ConnectionError(f"ssh exited ({self.exit_reason()})")
         loop = asyncio.get_running_loop()
         return await loop.create_unix_connection(factory, path)
+
+    def acknowledge(self) -> None:
+        """Have ssh's connection acknowledge what it received at once (after a small read
+        of a carrier: sshd holds its next small packet until then)."""
+        quickack(self.login_socket)
 
     def local_port(self, host: str, port: int) -> int:
         """The loopback port forwarded to ``host:port`` (a ``tcp_targets`` entry)."""
@@ -332,6 +355,7 @@ class OpenSshConnection:
     def close(self) -> None:
         """SIGTERM now and again every :data:`_TERM_AGAIN` (ssh can miss one that arrives
         just before it sleeps in poll()); SIGKILL after :data:`_TERM_GRACE`."""
+        self._release_socket()
         if self.proc.returncode is None and self._killer is None:
             self._term_deadline = time.monotonic() + _TERM_GRACE
             self._terminate()

@@ -289,3 +289,61 @@ def test_a_carrier_closed_before_its_first_byte_fails_its_handshake(loop_kind: s
         loop.run_until_complete(scenario())
     finally:
         loop.close()
+
+
+def _established(local_port: int) -> bool:
+    """True while a TCP connection from 127.0.0.1:local_port is established (any process)."""
+    want = f"0100007F:{local_port:04X}"
+    with open("/proc/net/tcp") as table:
+        return any(
+            f[1] == want and f[3] == "01" for f in (row.split() for row in table) if len(f) > 3
+        )
+
+
+async def test_the_worker_holds_ssh_s_connection_only_while_ssh_lives(sshd: Sshd) -> None:
+    """The worker keeps a duplicate of ssh's connection to the login node (to acknowledge
+    sshd's small packets at once); when ssh dies, the duplicate does not keep the connection
+    open."""
+    hop = SshHop([Login(sshd.user, sshd.host, sshd.port)], sshd.client_key, sshd.known_hosts,
+                 Metrics("worker"), client="openssh", targets=[("127.0.0.1", 1)],
+                 ssh_config=Path("/dev/null"))  # fmt: skip
+    conn = await hop.connection()
+    assert isinstance(conn, OpenSshConnection)
+    sock = conn.login_socket
+    assert sock is not None
+    assert sock.getpeername()[:2] == (sshd.host, sshd.port)
+    local_port = sock.getsockname()[1]
+    assert _established(local_port)
+    conn.acknowledge()  # a socket option, nothing read or written
+    os.kill(conn.proc.pid, signal.SIGKILL)
+    await asyncio.wait_for(conn.wait_closed(), 10)
+    assert conn.login_socket is None
+    assert await wait_for(lambda: not _established(local_port))
+    await hop.close()
+
+
+async def test_behind_a_proxy_command_there_is_no_duplicate_and_carriers_work(
+    sshd: Sshd, tmp_path: Path
+) -> None:
+    """With ProxyCommand (or ProxyJump) ssh has no TCP socket of its own: the worker does
+    without the duplicate, and streams pass as before."""
+    config = tmp_path / "ssh_config"
+    config.write_text("Host *\n    ProxyCommand socat - TCP:%h:%p\n")
+    servers = Servers()
+    port = await servers.start(echo_handler)
+    relay_exit = RelayExit(exit_settings())
+    await relay_exit.start()
+    worker = RelayWorker(
+        worker_settings(sshd, relay_exit.address, ssh_client="openssh", ssh_config=config)
+    )
+    await worker.start()
+    try:
+        assert await _echo_through(worker, port, b"through socat") == b"through socat"
+        assert worker.ssh is not None
+        conn = await worker.ssh.connection()
+        assert isinstance(conn, OpenSshConnection)
+        assert conn.login_socket is None
+    finally:
+        await worker.stop()
+        await relay_exit.stop()
+        await servers.close()

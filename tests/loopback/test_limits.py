@@ -530,7 +530,14 @@ async def test_hostile_clients_do_not_keep_a_worker_out(
     hostile: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         echo_port = await servers.start(echo_handler)
-        await legit_latencies(worker, echo_port, 3)  # warm up: SSH connection, code paths
+        # The subject is hostile clients, not the first login: wait for the carriers (a
+        # first attempt that fails is retried), and say why if they never come.
+        client = worker.exits[("127.0.0.1", port)]
+        try:
+            await asyncio.wait_for(client.ready.wait(), 30)
+        except asyncio.TimeoutError:
+            pytest.fail(f"the worker got no carrier in 30 s: {client.why}")
+        await legit_latencies(worker, echo_port, 3)  # warm up: code paths
         await asyncio.sleep(0.5)
         baseline_fds = fd_count(proc.pid)
         quiet = await legit_latencies(worker, echo_port, 30)

@@ -86,7 +86,8 @@ class CarrierBase:
             seal.Sealer(to_exit),
             seal.Unsealer(to_worker),
             early,
-            ack_small_reads=self.via is not None,
+            # ACK frames only where the worker cannot acknowledge on ssh's socket itself
+            ack_small_reads=self.via is not None and self.via.login_socket is None,
         )
         if self._lost is not None:
             driver.drop_link(cid, self._lost)

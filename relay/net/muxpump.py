@@ -329,8 +329,9 @@ class MuxDriver:
         """A carrier joined the session; ``early`` is what it received after the HELLO.
 
         ``ack_small_reads``: answer a small read that leaves nothing else to send with an
-        ACK frame (Session.ack_now), for carriers that are an ssh process's forward; the
-        frame takes the TCP acknowledgement to the login node, whose sshd (without
+        ACK frame (Session.ack_now), for carriers that are the forward of an ssh process
+        whose socket the worker cannot acknowledge on itself (OpenSshConnection.acknowledge);
+        the frame takes the TCP acknowledgement to the login node, whose sshd (without
         TCP_NODELAY) would otherwise hold its next small packet until a delayed ACK."""
         self.links[cid] = link
         if ack_small_reads:

@@ -173,21 +173,30 @@ def bulk(args: argparse.Namespace) -> int:
     return EXIT_MISMATCH if result["digest"] else 1
 
 
+def _one_echo(args: argparse.Namespace, byte: bytes) -> float:
+    """Seconds to open a stream through the chain and get ``byte`` echoed on it."""
+    t0 = time.perf_counter()
+    with open_chain(args.hop, args.host, args.port, timeout=args.timeout) as sock:
+        sock.sendall(byte)
+        if _exactly(sock, 1) != byte:
+            raise ConnectionError("wrong echo")
+        return time.perf_counter() - t0
+
+
+def _error_key(exc: OSError) -> str:
+    return f"{type(exc).__name__}: {exc}"[:160]
+
+
 def latency(args: argparse.Namespace) -> int:
     samples: list[float] = []
     errors: dict[str, int] = {}
     for i in range(args.count):
         if i:
             time.sleep(args.interval)
-        t0 = time.perf_counter()
         try:
-            with open_chain(args.hop, args.host, args.port, timeout=args.timeout) as sock:
-                sock.sendall(b"L")
-                if _exactly(sock, 1) != b"L":
-                    raise ConnectionError("wrong echo")
-                samples.append(time.perf_counter() - t0)
+            samples.append(_one_echo(args, b"L"))
         except OSError as exc:
-            key = f"{type(exc).__name__}: {exc}"[:160]
+            key = _error_key(exc)
             errors[key] = errors.get(key, 0) + 1
     print(json.dumps({"mode": "latency", "samples": samples, "errors": errors}), flush=True)
     return 0 if samples and not errors else 1
@@ -205,17 +214,12 @@ def rate(args: argparse.Namespace) -> int:
     def loop() -> None:
         start.wait()
         while time.perf_counter() < end[0]:
-            t0 = time.perf_counter()
             try:
-                with open_chain(args.hop, args.host, args.port, timeout=args.timeout) as sock:
-                    sock.sendall(b"R")
-                    if _exactly(sock, 1) != b"R":
-                        raise ConnectionError("wrong echo")
-                took = time.perf_counter() - t0
+                took = _one_echo(args, b"R")
                 with lock:
                     samples.append(took)
             except OSError as exc:
-                key = f"{type(exc).__name__}: {exc}"[:160]
+                key = _error_key(exc)
                 with lock:
                     errors[key] = errors.get(key, 0) + 1
                 time.sleep(0.01)

@@ -18,9 +18,7 @@ measurement and the medians. An experiment for the record, not a way to run a si
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import os
 import socket
 import statistics
 import sys
@@ -29,34 +27,7 @@ from typing import Optional
 
 from bench import procstat
 from bench.lab_chains import bench_as_root
-
-_SYS_PIDFD_GETFD = 438
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _tcp_sockets(pid: int) -> list[socket.socket]:
-    """Duplicates of the TCP sockets of ``pid`` (they share the socket, not a copy of it)."""
-    out: list[socket.socket] = []
-    pidfd = os.pidfd_open(pid)  # type: ignore[attr-defined,unused-ignore]
-    try:
-        for name in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
-                    continue
-            except OSError:
-                continue
-            fd = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(name), 0)
-            if fd < 0:
-                continue
-            sock = socket.socket(fileno=fd)
-            if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
-                out.append(sock)
-            else:
-                sock.detach()
-                os.close(fd)
-    finally:
-        os.close(pidfd)
-    return out
+from relay.net.childsocket import tcp_sockets
 
 
 def _name(sock: socket.socket) -> str:
@@ -70,7 +41,7 @@ def nodelay_state(pids: list[int]) -> dict[str, bool]:
     """Every TCP socket of ``pids`` (by address) and whether it has TCP_NODELAY."""
     state: dict[str, bool] = {}
     for pid in pids:
-        for sock in _tcp_sockets(pid):
+        for sock in tcp_sockets(pid):
             with sock:
                 state[f"{pid} {_name(sock)}"] = bool(
                     sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
@@ -81,7 +52,7 @@ def nodelay_state(pids: list[int]) -> dict[str, bool]:
 def set_nodelay(pids: list[int], want: dict[str, bool]) -> None:
     """Set TCP_NODELAY on each TCP socket of ``pids`` named in ``want`` as it says."""
     for pid in pids:
-        for sock in _tcp_sockets(pid):
+        for sock in tcp_sockets(pid):
             with sock:
                 key = f"{pid} {_name(sock)}"
                 if key in want:
@@ -135,7 +106,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         pids = procstat.tree([chain.roles["sshd"][0]])
         default = nodelay_state(pids)
         print(json.dumps({"sshd_sockets_nodelay": default}), flush=True)
-        rearm = QuickAck([s for pid in chain.pids().get("ssh", []) for s in _tcp_sockets(pid)])
+        rearm = QuickAck([s for pid in chain.pids().get("ssh", []) for s in tcp_sockets(pid)])
         try:
             for _ in range(args.rounds):
                 for mode in modes:

@@ -26,27 +26,40 @@ _SYS_PIDFD_GETFD = 438
 
 
 def borrow_tcp_socket(pid: int) -> Optional[socket.socket]:
-    """A duplicate of the connected TCP socket of process ``pid``, or None."""
+    """A duplicate of the (first) connected TCP socket of process ``pid``, or None."""
+    found = None
+    for sock in tcp_sockets(pid):
+        if found is None and _connected(sock):
+            found = sock
+        else:
+            sock.close()
+    return found
+
+
+def tcp_sockets(pid: int) -> list[socket.socket]:
+    """Duplicates of every TCP socket of process ``pid`` (listening ones too), in the order
+    of their descriptors; empty where the system refuses."""
     if not sys.platform.startswith("linux") or not hasattr(os, "pidfd_open"):
-        return None
+        return []
     try:
         pidfd = os.pidfd_open(pid)
     except OSError:
-        return None
+        return []
+    found: list[socket.socket] = []
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         for name in _socket_fds(pid):
             fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, name, 0)
             if fd < 0:
                 if ctypes.get_errno() in (1, 38):  # EPERM, ENOSYS: none of them will do
-                    return None
+                    break
                 continue
-            sock = _connected_tcp(fd)
+            sock = _tcp(fd)
             if sock is not None:
-                return sock
-        return None
+                found.append(sock)
     finally:
         os.close(pidfd)
+    return found
 
 
 def _socket_fds(pid: int) -> list[int]:
@@ -59,18 +72,22 @@ def _socket_fds(pid: int) -> list[int]:
     return sorted(found)
 
 
-def _connected_tcp(fd: int) -> Optional[socket.socket]:
-    """``fd`` as a socket object if it is a connected TCP socket; otherwise closed, None."""
+def _tcp(fd: int) -> Optional[socket.socket]:
+    """``fd`` as a socket object if it is a TCP socket; otherwise closed, None."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError:
         os.close(fd)
         return None
-    try:
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
-            sock.getpeername()
-            return sock
-    except OSError:
-        pass
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+        return sock
     sock.close()
     return None
+
+
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True

@@ -48,22 +48,9 @@ class Sim:
         refuse: Callable[[int], int] = lambda sid: 0,
     ) -> None:
         self.now = 1000.0
-        self.worker = ms.Session(
-            ms.WORKER,
-            heartbeat=heartbeat,
-            now=self.now,
-            misses=misses,
-            window=window,
-            tombstone_ttl=tombstone_ttl,
-        )
-        self.exit = ms.Session(
-            ms.EXIT,
-            heartbeat=heartbeat,
-            now=self.now,
-            misses=misses,
-            window=window,
-            tombstone_ttl=tombstone_ttl,
-        )
+        both = {"heartbeat": heartbeat, "misses": misses, "window": window}
+        self.worker = ms.Session(ms.WORKER, now=self.now, tombstone_ttl=tombstone_ttl, **both)
+        self.exit = ms.Session(ms.EXIT, now=self.now, tombstone_ttl=tombstone_ttl, **both)
         self.wire: dict[int, tuple[bytearray, bytearray]] = {}  # cid -> (to exit, to worker)
         self.wapps: dict[int, App] = {}
         self.eapps: dict[int, App] = {}
